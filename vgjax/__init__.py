@@ -1,0 +1,9 @@
+"""vgjax: visual geo-localization in JAX/Flax.
+
+Submodules are imported on demand so that `import vgjax` stays cheap:
+  vgjax.data.vg_folder  dataset folders in the VPR-datasets-downloader format -> Split
+  vgjax.index           faiss indexes (exact and approximate) by name
+  vgjax.evaluate        recall@N, the benchmark's query test methods, PCA, `evaluate()`
+"""
+
+__version__ = "0.1.0"

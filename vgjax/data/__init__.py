@@ -1,0 +1,1 @@
+"""Data: dataset folders, image loading and input pipelines."""
