@@ -1,0 +1,69 @@
+"""grain input pipelines.
+
+Inference: images in a fixed order, decoded and transformed on host threads, batched to a
+fixed batch size (the last batch is padded with zeros and carries its number of valid rows), so
+a jit-compiled embed function sees one shape for a whole split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from vgjax.data import images as image_ops
+
+ImageTransform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceBatch:
+    """images: uint8 [batch_size, ...] (rows >= num_valid are zero padding); start: index of row 0."""
+
+    images: np.ndarray
+    num_valid: int
+    start: int
+
+
+class _DecodeAndTransform(grain.transforms.Map):
+    def __init__(self, transform: ImageTransform):
+        self._transform = transform
+
+    def map(self, path: str) -> np.ndarray:
+        return self._transform(image_ops.load_rgb(path))
+
+
+def _pad_to(batch: np.ndarray, batch_size: int) -> np.ndarray:
+    missing = batch_size - len(batch)
+    if missing == 0:
+        return batch
+    return np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
+
+
+def inference_batches(paths: Sequence[str], transform: ImageTransform, batch_size: int, *,
+                      num_threads: int = 2, prefetch: int = 4) -> Iterator[InferenceBatch]:
+    """Yields the images of `paths`, in order, as fixed-size batches.
+
+    Args:
+      paths: image files.
+      transform: uint8 [H, W, 3] -> uint8 array of a fixed shape per dataset (or any shape with
+        batch_size=1), e.g. a resize or five crops [5, S, S, 3].
+      batch_size: rows per batch; the last batch is zero-padded to this size.
+      num_threads: host threads decoding in parallel (2 suits a 2-core machine).
+      prefetch: batches' worth of images decoded ahead.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dataset = (
+        grain.MapDataset.source(list(paths))
+        .map(_DecodeAndTransform(transform))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                           prefetch_buffer_size=prefetch * batch_size))
+        .batch(batch_size, drop_remainder=False)
+    )
+    start = 0
+    for batch in dataset:
+        yield InferenceBatch(images=_pad_to(batch, batch_size), num_valid=len(batch), start=start)
+        start += len(batch)

@@ -1,0 +1,515 @@
+"""Evaluation protocol of the benchmark (reference.md §4): embed, search, recall@N.
+
+Pieces, each usable alone:
+- `recall_at_n`: percent of queries with a positive among the first N predictions.
+- Query test methods (§4.2): a host-side image transform per method (`query_transform`) and,
+  for the multi-crop methods, a ranking step (`mean_of_crops`, `nearest_crop`, `maj_voting`).
+- `fit_pca` / `fit_pca_on_folder`: PCA of descriptors (eval only, as in the benchmark).
+- `export_descriptors`: .npy descriptors plus CSV/JSON metadata.
+- `evaluate`: the notebook entry point; works with any `embed_fn` (uint8 images -> descriptors).
+
+Deliberate differences from the PyTorch benchmark:
+- nearest_crop/maj_voting take their depth k from the recall values instead of a hard-coded 20
+  (maj_voting searches at least 10 per crop so its top-10 vote sees what the original sees);
+  the top-k lists are the same as the original's truncated to k.
+- Ties in distance are broken by a stable sort (crop order, then rank), not quicksort's order.
+- PCA is fitted with an exact eigendecomposition (no sklearn, no randomized SVD), on images
+  hard-resized to the evaluation size (the original does not resize them, which only works when
+  all images share a size). Component signs are fixed (largest |entry| positive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vgjax import index as index_lib
+from vgjax.data import images as image_ops
+from vgjax.data import pipeline
+from vgjax.data.vg_folder import Positives, Split, list_images
+
+TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop",
+                "maj_voting")
+MULTI_CROP_METHODS = ("five_crops", "nearest_crop", "maj_voting")
+NUM_CROPS = 5
+MAJ_VOTING_TOP_NS = (1, 5, 10)
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]
+"""uint8 [B, H, W, 3] RGB images (not normalized) -> float [B, D] descriptors."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Recall.
+
+
+def _as_positives(positives: Positives | Sequence[np.ndarray]) -> Positives:
+    if isinstance(positives, Positives):
+        return positives
+    arrays = [np.unique(np.asarray(p, dtype=np.int64)) for p in positives]
+    indptr = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in arrays], out=indptr[1:])
+    indices = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    return Positives(indptr=indptr, indices=indices)
+
+
+def _check_recall_values(ns: Sequence[int]) -> tuple[int, ...]:
+    ns = tuple(int(n) for n in ns)
+    if not ns or ns[0] < 1 or any(b <= a for a, b in zip(ns, ns[1:])):
+        raise ValueError(f"recall values must be positive and strictly increasing, got {ns}")
+    return ns
+
+
+def first_correct_rank(predictions: np.ndarray, positives: Positives | Sequence[np.ndarray]) -> np.ndarray:
+    """Rank (0-based) of the first prediction that is a positive, or K if none is.
+
+    Args:
+      predictions: int [Q, K] database indices, best first (negative = no prediction).
+      positives: for each query, its positive database indices.
+
+    Returns:
+      int64 [Q].
+    """
+    predictions = np.asarray(predictions, dtype=np.int64)
+    positives = _as_positives(positives)
+    if predictions.ndim != 2 or len(predictions) != len(positives):
+        raise ValueError(f"predictions must be [Q, K] with Q = {len(positives)} queries, "
+                         f"got shape {predictions.shape}")
+    num_queries, depth = predictions.shape
+    # One sorted key space over (query, database index): row q's positives are the keys
+    # q * stride + index, so membership of all predictions is one searchsorted.
+    stride = int(max(predictions.max(initial=0), positives.indices.max(initial=0))) + 1
+    positive_keys = np.repeat(np.arange(num_queries), positives.counts()) * stride + positives.indices
+    prediction_keys = np.arange(num_queries)[:, None] * stride + predictions
+    if len(positive_keys) == 0:
+        return np.full(num_queries, depth, dtype=np.int64)
+    slots = np.minimum(np.searchsorted(positive_keys, prediction_keys), len(positive_keys) - 1)
+    is_positive = (predictions >= 0) & (positive_keys[slots] == prediction_keys)
+    return np.where(is_positive.any(axis=1), is_positive.argmax(axis=1), depth)
+
+
+def recall_at_n(predictions: np.ndarray, positives: Positives | Sequence[np.ndarray],
+                ns: Sequence[int] = (1, 5, 10, 20)) -> dict[int, float]:
+    """Recall@N as the benchmark counts it.
+
+    Args:
+      predictions: int [Q, K] database indices, best first, K >= max(ns).
+      positives: for each query, its positive database indices (e.g. Split.positives).
+      ns: strictly increasing N values.
+
+    Returns:
+      {N: percent of queries with at least one positive among their first N predictions}.
+      Queries without any positive count as misses.
+    """
+    ns = _check_recall_values(ns)
+    predictions = np.asarray(predictions)
+    if predictions.ndim == 2 and predictions.shape[1] < ns[-1]:
+        raise ValueError(f"need at least {ns[-1]} predictions per query for R@{ns[-1]}, "
+                         f"got {predictions.shape[1]}")
+    ranks = first_correct_rank(predictions, positives)
+    return {n: float(np.mean(ranks < n) * 100.0) if len(ranks) else 0.0 for n in ns}
+
+
+def format_recalls(recalls: dict[int, float]) -> str:
+    """'R@1: 86.4, R@5: 93.0, ...' (one decimal, as the benchmark logs them)."""
+    return ", ".join(f"R@{n}: {r:.1f}" for n, r in recalls.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Query test methods: image transforms (host, uint8 HWC).
+
+
+def _hard_resize(image: np.ndarray, resize: tuple[int, int]) -> np.ndarray:
+    return image_ops.resize_bilinear(image, resize)
+
+
+def _single_query(image: np.ndarray, resize: tuple[int, int]) -> np.ndarray:
+    return image_ops.resize_shorter_side(image, min(resize))
+
+
+def _central_crop(image: np.ndarray, resize: tuple[int, int]) -> np.ndarray:
+    height, width = image.shape[:2]
+    scale = max(resize[0] / height, resize[1] / width)
+    return image_ops.center_crop(image_ops.resize_nearest_by_scale(image, scale), resize)
+
+
+def _five_crops(image: np.ndarray, resize: tuple[int, int]) -> np.ndarray:
+    side = min(resize)
+    return image_ops.five_crops(image_ops.resize_shorter_side(image, side), side)
+
+
+_QUERY_TRANSFORMS = {
+    "hard_resize": _hard_resize,
+    "single_query": _single_query,
+    "central_crop": _central_crop,
+    "five_crops": _five_crops,
+    "nearest_crop": _five_crops,
+    "maj_voting": _five_crops,
+}
+
+
+def _check_test_method(test_method: str) -> None:
+    if test_method not in TEST_METHODS:
+        raise ValueError(f"unknown test_method {test_method!r}; choose one of {TEST_METHODS}")
+
+
+def query_transform(test_method: str, resize: tuple[int, int]) -> pipeline.ImageTransform:
+    """The query preprocessing of a test method: uint8 [H, W, 3] -> uint8 image(s).
+
+    hard_resize -> [H_r, W_r, 3]; single_query -> shorter side min(resize), aspect kept;
+    central_crop -> nearest rescale to cover `resize`, then a central crop of `resize`;
+    five_crops / nearest_crop / maj_voting -> shorter side to s = min(resize), then
+    [5, s, s, 3] crops (top-left, top-right, bottom-left, bottom-right, center).
+    """
+    _check_test_method(test_method)
+    return functools.partial(_QUERY_TRANSFORMS[test_method], resize=tuple(resize))
+
+
+# ---------------------------------------------------------------------------------------------
+# Query test methods: ranking of the multi-crop methods.
+
+
+def mean_of_crops(descriptors: np.ndarray) -> np.ndarray:
+    """five_crops: float [Q * 5, D] crop descriptors (crop-minor) -> [Q, D] means (no re-L2)."""
+    descriptors = np.asarray(descriptors)
+    return descriptors.reshape(-1, NUM_CROPS, descriptors.shape[-1]).mean(axis=1)
+
+
+def _closest_unique(distances: np.ndarray, predictions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorts a query's crop results by distance and keeps the closest occurrence of each
+    database index; returns the first k (distances float32 [k], predictions int64 [k])."""
+    distances, predictions = distances.ravel(), predictions.ravel()
+    order = np.argsort(distances, kind="stable")
+    _, first = np.unique(predictions[order], return_index=True)
+    keep = order[np.sort(first)][:k]
+    if len(keep) < k:
+        raise ValueError(f"only {len(keep)} distinct predictions for a query, need {k}")
+    return distances[keep], predictions[keep]
+
+
+def _merge_per_query(distances: np.ndarray, predictions: np.ndarray, k: int,
+                     vote: Callable[[np.ndarray, np.ndarray], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    depth = distances.shape[-1]
+    distances = np.array(distances, dtype=np.float32).reshape(-1, NUM_CROPS, depth)
+    predictions = np.asarray(predictions, dtype=np.int64).reshape(-1, NUM_CROPS, depth)
+    out_d = np.empty((len(distances), k), np.float32)
+    out_p = np.empty((len(distances), k), np.int64)
+    for q in range(len(distances)):
+        if vote is not None:
+            vote(distances[q], predictions[q])
+        out_d[q], out_p[q] = _closest_unique(distances[q], predictions[q], k)
+    return out_d, out_p
+
+
+def nearest_crop(distances: np.ndarray, predictions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """nearest_crop: merges each query's 5 crop searches, keeping each database image once at
+    its smallest distance.
+
+    Args:
+      distances: float [Q * 5, K] search distances of the crops (crop-minor rows), K >= k.
+      predictions: int [Q * 5, K] database indices.
+      k: predictions to keep per query.
+
+    Returns:
+      (distances float32 [Q, k], predictions int64 [Q, k]), ascending distance.
+    """
+    return _merge_per_query(distances, predictions, k)
+
+
+def _vote_top_n(distances: np.ndarray, predictions: np.ndarray, n: int, weight: float) -> None:
+    """In place, on one query's [5, K] arrays: every database index seen more than once in the
+    first n columns gets `weight * count / n` subtracted at all its occurrences there."""
+    columns = slice(0, n)
+    values, counts = np.unique(predictions[:, columns], return_counts=True)
+    for value, count in zip(values[counts > 1], counts[counts > 1]):
+        mask = predictions[:, columns] == value
+        distances[:, columns][mask] -= np.float32(weight * count / n)
+
+
+def maj_voting(distances: np.ndarray, predictions: np.ndarray, k: int,
+               majority_weight: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """maj_voting: per query, the top-1, top-5 and top-10 votes (cumulative, in that order)
+    lower the distances of database images that several crops retrieve; then as nearest_crop.
+
+    Args:
+      distances, predictions: [Q * 5, K] crop search results, K >= max(k, 10) for the
+        original's behaviour.
+      k: predictions to keep per query.
+      majority_weight: the vote's scale.
+
+    Returns:
+      (voted distances float32 [Q, k], predictions int64 [Q, k]).
+    """
+    def vote(query_distances: np.ndarray, query_predictions: np.ndarray) -> None:
+        for n in MAJ_VOTING_TOP_NS:
+            _vote_top_n(query_distances, query_predictions, n, majority_weight)
+
+    return _merge_per_query(distances, predictions, k, vote)
+
+
+def search_depth(test_method: str, k: int) -> int:
+    """Neighbours to search per query (or per crop) to return k predictions."""
+    return max(k, MAJ_VOTING_TOP_NS[-1]) if test_method == "maj_voting" else k
+
+
+# ---------------------------------------------------------------------------------------------
+# PCA.
+
+
+@dataclasses.dataclass(frozen=True)
+class PCA:
+    """mean: float64 [D]; components: float64 [dim, D]; explained_variance: float64 [dim]."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return len(self.components)
+
+    def transform(self, descriptors: np.ndarray) -> np.ndarray:
+        """float [N, D] -> float32 [N, dim]: centred projection, no re-normalization."""
+        return ((np.asarray(descriptors, np.float64) - self.mean) @ self.components.T).astype(np.float32)
+
+
+def fit_pca(descriptors: np.ndarray, dim: int) -> PCA:
+    """Exact PCA of float [N, D] descriptors (eigendecomposition of the smaller Gram matrix)."""
+    x = np.asarray(descriptors, dtype=np.float64)
+    num, features = x.shape
+    if not 1 <= dim <= min(num, features):
+        raise ValueError(f"pca_dim must be in [1, min(N={num}, D={features})], got {dim}")
+    mean = x.mean(axis=0)
+    x = x - mean
+    if features <= num:
+        eigenvalues, vectors = np.linalg.eigh(x.T @ x)
+        top = np.argsort(eigenvalues)[::-1][:dim]
+        components = vectors[:, top].T
+    else:  # D > N: eigenvectors of X X^T map to principal axes through X^T.
+        eigenvalues, vectors = np.linalg.eigh(x @ x.T)
+        top = np.argsort(eigenvalues)[::-1][:dim]
+        components = (x.T @ vectors[:, top]).T
+        components /= np.linalg.norm(components, axis=1, keepdims=True)
+    signs = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
+    components *= signs[:, None]
+    variance = np.maximum(eigenvalues[top], 0.0) / max(num - 1, 1)
+    return PCA(mean=mean, components=components, explained_variance=variance)
+
+
+def fit_pca_on_folder(embed_fn: EmbedFn, folder: str | os.PathLike, dim: int, *,
+                      resize: tuple[int, int] = (480, 640), batch_size: int = 16,
+                      max_images: int = 2 ** 14, seed: int = 0, progress: bool = True) -> PCA:
+    """Fits PCA on the descriptors of up to `max_images` random .jpg images below `folder`
+    (the benchmark uses the train split and 16384 images)."""
+    paths = list_images(folder)
+    order = np.random.default_rng(seed).permutation(len(paths))[:max_images]
+    descriptors, _ = embed_images(embed_fn, [paths[i] for i in order],
+                                  functools.partial(_hard_resize, resize=tuple(resize)),
+                                  batch_size, desc="PCA descriptors", progress=progress)
+    return fit_pca(descriptors, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding and export.
+
+
+@dataclasses.dataclass
+class EmbedTiming:
+    """first_batch_seconds includes compilation; steady_* cover the later batches."""
+
+    images: int = 0
+    wall_seconds: float = 0.0
+    first_batch_seconds: float = 0.0
+    steady_images: int = 0
+    steady_seconds: float = 0.0
+
+
+def embed_images(embed_fn: EmbedFn, paths: Sequence[str], transform: pipeline.ImageTransform,
+                 batch_size: int, *, desc: str = "embedding", progress: bool = True,
+                 num_threads: int = 2) -> tuple[np.ndarray, EmbedTiming]:
+    """Descriptors of images: float32 [N * crops, D] (crops = 5 for five-crop transforms).
+
+    Every batch handed to `embed_fn` has the same shape (the last is zero-padded).
+    """
+    timing = EmbedTiming(images=len(paths))
+    rows: list[np.ndarray] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    for batch in pipeline.inference_batches(paths, transform, batch_size, num_threads=num_threads):
+        images = batch.images
+        crops = images.shape[1] if images.ndim == 5 else 1
+        tick = time.perf_counter()
+        out = np.asarray(embed_fn(images.reshape(-1, *images.shape[-3:])), dtype=np.float32)
+        seconds = time.perf_counter() - tick
+        if out.ndim != 2 or len(out) != len(images) * crops:
+            raise ValueError(f"embed_fn returned shape {out.shape} for {len(images) * crops} images; "
+                             "expected [num_images, D]")
+        if batch.start == 0:
+            timing.first_batch_seconds = seconds
+        else:
+            timing.steady_seconds += seconds
+            timing.steady_images += batch.num_valid
+        rows.append(out[:batch.num_valid * crops])
+        bar.update(batch.num_valid)
+    bar.close()
+    timing.wall_seconds = time.perf_counter() - start
+    descriptors = np.concatenate(rows)
+    if not np.isfinite(descriptors).all():
+        raise FloatingPointError(f"{desc}: embed_fn produced non-finite descriptors")
+    return descriptors, timing
+
+
+def export_descriptors(out_dir: str | os.PathLike, split: Split, database_descriptors: np.ndarray,
+                       query_descriptors: np.ndarray, **metadata) -> dict[str, Path]:
+    """Writes database_descriptors.npy / queries_descriptors.npy (float32 [N, D]),
+    database.csv / queries.csv (index, path, east, north) and descriptors.json (metadata)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "database_descriptors": out_dir / "database_descriptors.npy",
+        "queries_descriptors": out_dir / "queries_descriptors.npy",
+        "database": out_dir / "database.csv",
+        "queries": out_dir / "queries.csv",
+        "metadata": out_dir / "descriptors.json",
+    }
+    np.save(files["database_descriptors"], np.asarray(database_descriptors, np.float32))
+    np.save(files["queries_descriptors"], np.asarray(query_descriptors, np.float32))
+    for role, paths, utm in (("database", split.database_paths, split.database_utm),
+                             ("queries", split.query_paths, split.query_utm)):
+        with open(files[role], "w") as f:
+            f.write("index,path,east,north\n")
+            for i, (path, (east, north)) in enumerate(zip(paths, utm)):
+                f.write(f'{i},"{path}",{east:.2f},{north:.2f}\n')
+    info = {"split": str(split.folder), "num_database": split.num_database,
+            "num_queries": split.num_queries, "descriptor_dim": int(np.shape(database_descriptors)[1]),
+            "rows_per_query": len(query_descriptors) // max(split.num_queries, 1),
+            "positive_dist_m": split.positive_dist_m, **metadata}
+    files["metadata"].write_text(json.dumps(info, indent=2))
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point.
+
+
+@dataclasses.dataclass
+class EvaluationResult:
+    """recalls: {N: percent}; predictions int64 [Q, k] and distances float32 [Q, k] (squared L2
+    for the flat index; voted distances for maj_voting), best first; timings: see `evaluate`."""
+
+    recalls: dict[int, float]
+    predictions: np.ndarray
+    distances: np.ndarray
+    timings: dict[str, float]
+    test_method: str
+    descriptor_dim: int
+    index: str
+    database_descriptors: np.ndarray | None = None
+    query_descriptors: np.ndarray | None = None
+
+    def __str__(self) -> str:
+        return format_recalls(self.recalls)
+
+
+def _embed_split(embed_fn, split, test_method, resize, batch_size, progress, num_threads):
+    database, database_timing = embed_images(
+        embed_fn, split.database_paths, functools.partial(_hard_resize, resize=tuple(resize)),
+        batch_size, desc="database", progress=progress, num_threads=num_threads)
+    queries, query_timing = embed_images(
+        embed_fn, split.query_paths, query_transform(test_method, resize),
+        1 if test_method == "single_query" else batch_size,
+        desc=f"queries ({test_method})", progress=progress, num_threads=num_threads)
+    if test_method == "five_crops":
+        queries = mean_of_crops(queries)
+    return database, queries, (database_timing, query_timing)
+
+
+def _rank(test_method, index, queries, k, majority_weight):
+    distances, predictions = index_lib.search(index, queries, search_depth(test_method, k))
+    if test_method == "nearest_crop":
+        return nearest_crop(distances, predictions, k)
+    if test_method == "maj_voting":
+        return maj_voting(distances, predictions, k, majority_weight)
+    return distances, predictions
+
+
+def _extraction_timings(timings: Sequence[EmbedTiming]) -> dict[str, float]:
+    images = sum(t.images for t in timings)
+    steady_images = sum(t.steady_images for t in timings)
+    steady_seconds = sum(t.steady_seconds for t in timings)
+    if steady_images == 0:  # a single batch each: the compile is part of the only measurement
+        steady_images, steady_seconds = images, sum(t.first_batch_seconds for t in timings)
+    return {
+        "extraction_ms_per_image": 1000.0 * steady_seconds / max(steady_images, 1),
+        "extraction_images_per_second": steady_images / max(steady_seconds, 1e-12),
+        "extraction_first_batch_seconds": sum(t.first_batch_seconds for t in timings),
+        "loading_and_extraction_seconds": sum(t.wall_seconds for t in timings),
+    }
+
+
+def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize",
+             resize: tuple[int, int] = (480, 640), recall_values: Sequence[int] = (1, 5, 10, 20),
+             index_kind: str = "flat", index_params: dict | None = None, batch_size: int = 16,
+             majority_weight: float = 0.01, pca: PCA | None = None, num_threads: int = 2,
+             keep_descriptors: bool = False, progress: bool = True) -> EvaluationResult:
+    """Evaluates a descriptor function on a split, as the benchmark's test() does.
+
+    The database is always hard-resized to `resize`; queries follow `test_method`.
+
+    Args:
+      embed_fn: uint8 [B, H, W, 3] RGB -> float [B, D]. It always receives `batch_size` images
+        per call (single_query: 1; the multi-crop methods: 5x), zero-padded at the end.
+      split: from `vgjax.data.vg_folder.load_split`.
+      test_method: one of TEST_METHODS.
+      resize: (H, W) for database images and the query transforms.
+      recall_values: the N of R@N; the depth k of the returned predictions is max(N).
+      index_kind, index_params: see `vgjax.index.build_index` ("flat" is the benchmark's exact
+        squared-L2 search).
+      batch_size: images per embed call (the benchmark's infer_batch_size).
+      majority_weight: maj_voting's vote scale.
+      pca: applied to database and query descriptors before the search (not re-normalized).
+      num_threads: image-decoding threads.
+      keep_descriptors: also return the descriptors (e.g. for `export_descriptors`).
+      progress: show progress bars.
+
+    Returns:
+      EvaluationResult. timings holds extraction_ms_per_image and extraction_images_per_second
+      (model calls after the first, i.e. without compilation), extraction_first_batch_seconds,
+      loading_and_extraction_seconds (wall), index_build_seconds, matching_ms_per_query (search
+      and re-ranking), index_bytes.
+    """
+    _check_test_method(test_method)
+    ns = _check_recall_values(recall_values)
+    database, queries, embed_timings = _embed_split(embed_fn, split, test_method, resize,
+                                                    batch_size, progress, num_threads)
+    if pca is not None:
+        database, queries = pca.transform(database), pca.transform(queries)
+    index = index_lib.build_index(database, index_kind, **(index_params or {}))
+    tick = time.perf_counter()
+    distances, predictions = _rank(test_method, index, queries, ns[-1], majority_weight)
+    matching_seconds = time.perf_counter() - tick
+    timings = {
+        **_extraction_timings(embed_timings),
+        "index_build_seconds": index.train_seconds + index.add_seconds,
+        "matching_ms_per_query": 1000.0 * matching_seconds / max(split.num_queries, 1),
+        "index_bytes": float(index.nbytes),
+    }
+    return EvaluationResult(
+        recalls=recall_at_n(predictions, split.positives, ns),
+        predictions=predictions,
+        distances=distances,
+        timings=timings,
+        test_method=test_method,
+        descriptor_dim=int(database.shape[1]),
+        index=index_lib.describe(index),
+        database_descriptors=database if keep_descriptors else None,
+        query_descriptors=queries if keep_descriptors else None,
+    )
