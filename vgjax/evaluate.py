@@ -403,7 +403,9 @@ def export_descriptors(out_dir: str | os.PathLike, split: Split, database_descri
 @dataclasses.dataclass
 class EvaluationResult:
     """recalls: {N: percent}; predictions int64 [Q, k] and distances float32 [Q, k] (squared L2
-    for the flat index; voted distances for maj_voting), best first; timings: see `evaluate`."""
+    for the flat index; voted distances for maj_voting), best first; timings: see `evaluate`.
+    With keep_descriptors: database_descriptors [DB, D] and query_descriptors ([Q, D], or
+    [Q * 5, D] for nearest_crop/maj_voting), both before PCA."""
 
     recalls: dict[int, float]
     predictions: np.ndarray
@@ -419,10 +421,17 @@ class EvaluationResult:
         return format_recalls(self.recalls)
 
 
-def _embed_split(embed_fn, split, test_method, resize, batch_size, progress, num_threads):
-    database, database_timing = embed_images(
-        embed_fn, split.database_paths, functools.partial(_hard_resize, resize=tuple(resize)),
-        batch_size, desc="database", progress=progress, num_threads=num_threads)
+def _embed_split(embed_fn, split, test_method, resize, batch_size, progress, num_threads,
+                 database=None):
+    if database is None:
+        database, database_timing = embed_images(
+            embed_fn, split.database_paths, functools.partial(_hard_resize, resize=tuple(resize)),
+            batch_size, desc="database", progress=progress, num_threads=num_threads)
+    else:
+        database, database_timing = np.asarray(database, np.float32), EmbedTiming()
+        if len(database) != split.num_database:
+            raise ValueError(f"database_descriptors has {len(database)} rows for "
+                             f"{split.num_database} database images")
     queries, query_timing = embed_images(
         embed_fn, split.query_paths, query_transform(test_method, resize),
         1 if test_method == "single_query" else batch_size,
@@ -459,7 +468,8 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
              resize: tuple[int, int] = (480, 640), recall_values: Sequence[int] = (1, 5, 10, 20),
              index_kind: str = "flat", index_params: dict | None = None, batch_size: int = 16,
              majority_weight: float = 0.01, pca: PCA | None = None, num_threads: int = 2,
-             keep_descriptors: bool = False, progress: bool = True) -> EvaluationResult:
+             database_descriptors: np.ndarray | None = None, keep_descriptors: bool = False,
+             progress: bool = True) -> EvaluationResult:
     """Evaluates a descriptor function on a split, as the benchmark's test() does.
 
     The database is always hard-resized to `resize`; queries follow `test_method`.
@@ -477,6 +487,8 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
       majority_weight: maj_voting's vote scale.
       pca: applied to database and query descriptors before the search (not re-normalized).
       num_threads: image-decoding threads.
+      database_descriptors: float [DB, D] from an earlier call's result (before PCA), to compare
+        test methods without embedding the database again.
       keep_descriptors: also return the descriptors (e.g. for `export_descriptors`).
       progress: show progress bars.
 
@@ -488,10 +500,11 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
     """
     _check_test_method(test_method)
     ns = _check_recall_values(recall_values)
-    database, queries, embed_timings = _embed_split(embed_fn, split, test_method, resize,
-                                                    batch_size, progress, num_threads)
+    raw_database, raw_queries, embed_timings = _embed_split(
+        embed_fn, split, test_method, resize, batch_size, progress, num_threads, database_descriptors)
+    database, queries = raw_database, raw_queries
     if pca is not None:
-        database, queries = pca.transform(database), pca.transform(queries)
+        database, queries = pca.transform(raw_database), pca.transform(raw_queries)
     index = index_lib.build_index(database, index_kind, **(index_params or {}))
     tick = time.perf_counter()
     distances, predictions = _rank(test_method, index, queries, ns[-1], majority_weight)
@@ -510,6 +523,6 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
         test_method=test_method,
         descriptor_dim=int(database.shape[1]),
         index=index_lib.describe(index),
-        database_descriptors=database if keep_descriptors else None,
-        query_descriptors=queries if keep_descriptors else None,
+        database_descriptors=raw_database if keep_descriptors else None,
+        query_descriptors=raw_queries if keep_descriptors else None,
     )

@@ -1,0 +1,81 @@
+"""Defaults shared by every experiment: the benchmark's options (reference.md §1.1) in sections.
+
+Option names are the PyTorch benchmark's, so its command lines translate one to one:
+`--resize 240 320` becomes `--config.data.resize='(240, 320)'`, `--test_method maj_voting`
+becomes `--config.eval.test_method=maj_voting`. Options are grouped into data, model, train,
+mining and eval. Unset optional values are typed placeholders (None until given).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.mode = "eval"  # what launch.py runs when --mode is not given
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict(dict(
+        datasets_folder="",  # root of the datasets; empty: the DATASETS_FOLDER environment variable
+        dataset_name="pitts30k",  # reads <datasets_folder>/<dataset_name>/images/<split>
+        synthetic="",  # "aerial": render the built-in synthetic dataset there if it is missing
+        resize=(480, 640),  # H, W for training and inference
+        infer_batch_size=16,
+        num_workers=2,  # host threads decoding images
+        val_positive_dist_threshold=25.0,  # metres: val/test positives, train soft positives
+        train_positives_dist_threshold=10.0,  # metres: train hard positives
+    ))
+
+    config.model = ml_collections.ConfigDict(dict(
+        backbone="resnet18conv4",
+        aggregation="netvlad",
+        l2="before_pool",
+        netvlad_clusters=64,
+        fc_output_dim=config_dict.placeholder(int),
+        pretrain="imagenet",
+        trunc_te=config_dict.placeholder(int),
+        freeze_te=config_dict.placeholder(int),
+        dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
+        resume="",  # checkpoint to evaluate or to start training from
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        train_batch_size=4,
+        criterion="triplet",
+        margin=0.1,
+        epochs_num=1000,
+        patience=3,
+        lr=1e-5,
+        lr_crn_layer=5e-3,
+        lr_crn_net=5e-4,
+        optim="adam",
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        hue=0.0,
+        rand_perspective=0.0,
+        horizontal_flip=False,
+        random_resized_crop=0.0,
+        random_rotation=0.0,
+    ))
+
+    config.mining = ml_collections.ConfigDict(dict(
+        mining="partial",
+        cache_refresh_rate=1000,
+        queries_per_epoch=5000,
+        negs_num_per_query=10,
+        neg_samples_num=1000,
+    ))
+
+    config.eval = ml_collections.ConfigDict(dict(
+        split="test",
+        test_method="hard_resize",
+        majority_weight=0.01,
+        recall_values=(1, 5, 10, 20),
+        pca_dim=config_dict.placeholder(int),
+        pca_dataset_folder="",  # relative to datasets_folder, e.g. pitts30k/images/train
+        index="flat",  # faiss index kind, see vgjax.index.INDEX_KINDS
+        index_params="",  # e.g. "nlist=1024,nprobe=16"
+        save_descriptors=False,  # write .npy descriptors + CSV/JSON into <workdir>/descriptors
+    ))
+    return config

@@ -1,0 +1,156 @@
+"""Runs an experiment from a config: what launch.py hands off to.
+
+Modes:
+  eval: evaluate a model on `config.eval.split` with `config.eval.test_method` (or "all" of the
+    benchmark's test methods), write results.json (and descriptors on request) to the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from vgjax import baselines
+from vgjax import evaluate as evaluate_lib
+from vgjax.data import synthetic
+from vgjax.data.vg_folder import load_split
+
+MODES = ("eval",)
+AVAILABLE_BACKBONES = ("tiny_image",)
+SYNTHETIC_DATASETS = ("aerial",)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str | None = None) -> dict:
+    """Runs `mode` (default: config.mode) in `workdir`; returns what it wrote to results.json."""
+    mode = mode or config.mode
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; available: {MODES}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    return {"eval": run_eval}[mode](config, workdir)
+
+
+def datasets_root(data_config: ml_collections.ConfigDict) -> Path:
+    """config.data.datasets_folder, else $DATASETS_FOLDER (as the benchmark falls back)."""
+    root = data_config.datasets_folder or os.environ.get("DATASETS_FOLDER", "")
+    if not root:
+        raise ValueError("no datasets folder: set --config.data.datasets_folder=DIR or the "
+                         "DATASETS_FOLDER environment variable")
+    return Path(root)
+
+
+def prepare_dataset(config: ml_collections.ConfigDict) -> Path:
+    """The dataset folder; a configured synthetic dataset is rendered there first if missing.
+
+    Rendering goes to a `.partial` folder that is renamed when complete, so an interrupted
+    build is never mistaken for a dataset.
+    """
+    path = datasets_root(config.data) / config.data.dataset_name
+    kind = config.data.synthetic
+    if not kind or path.exists():
+        return path
+    if kind not in SYNTHETIC_DATASETS:
+        raise ValueError(f"unknown config.data.synthetic {kind!r}; available: {SYNTHETIC_DATASETS}")
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    synthetic.build_aerial_dataset(partial, seed=config.seed, splits=(config.eval.split,),
+                                   image_size=tuple(config.data.resize))
+    partial.rename(path)
+    return path
+
+
+def build_embed_fn(model_config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
+    """An embed function (uint8 [B, H, W, 3] -> [B, D]) for the configured model."""
+    if model_config.backbone == "tiny_image":
+        return baselines.tiny_image_embed()
+    raise ValueError(f"backbone {model_config.backbone!r} is not available in this version of "
+                     f"vgjax; available: {AVAILABLE_BACKBONES}")
+
+
+def parse_index_params(text: str) -> dict[str, int | float]:
+    """'nlist=1024,nprobe=16' -> {'nlist': 1024, 'nprobe': 16}."""
+    params = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config.eval.index_params: expected key=value items, got {item!r}")
+        number = float(value)
+        params[key.strip()] = int(number) if number.is_integer() and "." not in value else number
+    return params
+
+
+def _fit_pca(config, embed_fn) -> evaluate_lib.PCA | None:
+    if config.eval.pca_dim is None:
+        return None
+    if not config.eval.pca_dataset_folder:
+        raise ValueError("config.eval.pca_dim needs config.eval.pca_dataset_folder "
+                         "(relative to the datasets folder, e.g. pitts30k/images/train)")
+    folder = datasets_root(config.data) / config.eval.pca_dataset_folder
+    return evaluate_lib.fit_pca_on_folder(
+        embed_fn, folder, config.eval.pca_dim, resize=tuple(config.data.resize),
+        batch_size=config.data.infer_batch_size, seed=config.seed)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Writes atomically: a crash never leaves a truncated file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _results_table(results: dict[str, dict]) -> str:
+    methods = list(results)
+    ns = list(next(iter(results.values()))["recalls"])
+    header = f"{'test method':<14}" + "".join(f"{n:>8}" for n in ns) + f"{'ms/img':>9}{'ms/query':>10}"
+    lines = [header, "-" * len(header)]
+    for method in methods:
+        r = results[method]
+        lines.append(f"{method:<14}" + "".join(f"{r['recalls'][n]:8.1f}" for n in ns)
+                     + f"{r['timings']['extraction_ms_per_image']:9.2f}"
+                     + f"{r['timings']['matching_ms_per_query']:10.3f}")
+    return "\n".join(lines)
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Evaluates the configured model on config.eval.split; writes workdir/results.json."""
+    split = load_split(prepare_dataset(config), config.eval.split,
+                       config.data.val_positive_dist_threshold)
+    print(split)
+    embed_fn = build_embed_fn(config.model)
+    pca = _fit_pca(config, embed_fn)
+    method = config.eval.test_method
+    methods = evaluate_lib.TEST_METHODS if method == "all" else (method,)
+    results, database = {}, None
+    for method in methods:
+        result = evaluate_lib.evaluate(
+            embed_fn, split, test_method=method, resize=tuple(config.data.resize),
+            recall_values=tuple(config.eval.recall_values), index_kind=config.eval.index,
+            index_params=parse_index_params(config.eval.index_params),
+            batch_size=config.data.infer_batch_size, majority_weight=config.eval.majority_weight,
+            pca=pca, num_threads=config.data.num_workers, database_descriptors=database,
+            keep_descriptors=True)
+        database = result.database_descriptors
+        print(f"Recalls on {split.folder} ({method}): {result}")
+        results[method] = {
+            "recalls": {f"R@{n}": r for n, r in result.recalls.items()},
+            "descriptor_dim": result.descriptor_dim,
+            "index": result.index,
+            "timings": result.timings,
+        }
+        if config.eval.save_descriptors:
+            evaluate_lib.export_descriptors(
+                workdir / "descriptors" / method, split, result.database_descriptors,
+                result.query_descriptors, test_method=method, pca_dim=config.eval.pca_dim)
+    summary = {"split": str(split.folder), "num_database": split.num_database,
+               "num_queries": split.num_queries, "backbone": config.model.backbone,
+               "results": results}
+    _write_json(workdir / "results.json", summary)
+    print(_results_table(results))
+    print(f"Wrote {workdir / 'results.json'}")
+    return summary
