@@ -255,9 +255,12 @@ def maj_voting(distances: np.ndarray, predictions: np.ndarray, k: int,
     return _merge_per_query(distances, predictions, k, vote)
 
 
-def search_depth(test_method: str, k: int) -> int:
-    """Neighbours to search per query (or per crop) to return k predictions."""
-    return max(k, MAJ_VOTING_TOP_NS[-1]) if test_method == "maj_voting" else k
+def search_depth(test_method: str, k: int, num_database: int | None = None) -> int:
+    """Neighbours to search per query (or per crop) to return k predictions: k, and for
+    maj_voting at least 10 (its widest vote), never more than the database holds."""
+    if test_method != "maj_voting":
+        return k
+    return max(k, min(MAJ_VOTING_TOP_NS[-1], num_database or MAJ_VOTING_TOP_NS[-1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +445,8 @@ def _embed_split(embed_fn, split, test_method, resize, batch_size, progress, num
 
 
 def _rank(test_method, index, queries, k, majority_weight):
-    distances, predictions = index_lib.search(index, queries, search_depth(test_method, k))
+    depth = search_depth(test_method, k, index.num_vectors)
+    distances, predictions = index_lib.search(index, queries, depth)
     if test_method == "nearest_crop":
         return nearest_crop(distances, predictions, k)
     if test_method == "maj_voting":
