@@ -114,7 +114,8 @@ def recall_at_n(predictions: np.ndarray, positives: Positives | Sequence[np.ndar
         raise ValueError(f"need at least {ns[-1]} predictions per query for R@{ns[-1]}, "
                          f"got {predictions.shape[1]}")
     ranks = first_correct_rank(predictions, positives)
-    return {n: float(np.mean(ranks < n) * 100.0) if len(ranks) else 0.0 for n in ns}
+    num_queries = max(len(ranks), 1)
+    return {n: 100.0 * int(np.count_nonzero(ranks < n)) / num_queries for n in ns}
 
 
 def format_recalls(recalls: dict[int, float]) -> str:

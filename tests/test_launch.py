@@ -1,0 +1,103 @@
+"""launch.py and vgjax.experiment: configs, overrides, the eval main job, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import common, demo
+from vgjax import evaluate, experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _launch(*args, env=None):
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_demo_main_job_end_to_end(tmp_path):
+    workdir = tmp_path / "run"
+    out = _launch("--config", "configs/demo.py", "--workdir", str(workdir),
+                  f"--config.data.datasets_folder={tmp_path / 'datasets'}",
+                  "--config.eval.save_descriptors=True")
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert list(results["results"]) == list(evaluate.TEST_METHODS)
+    for method, entry in results["results"].items():
+        recalls = list(entry["recalls"].values())
+        assert recalls == sorted(recalls) and 0 < recalls[0] <= 100, method
+        assert entry["descriptor_dim"] == 12 * 16 * 3
+    # The baseline finds most places despite the changed heading and lighting, far above chance
+    # (a random top-1 has about 19 / 676 = 3% chance of being within 25 m).
+    assert results["results"]["hard_resize"]["recalls"]["R@1"] > 30
+    assert "maj_voting" in out.stdout and "R@20" in out.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["eval"]["save_descriptors"] is True and config["data"]["resize"] == [96, 128]
+    assert (workdir / "descriptors" / "nearest_crop" / "queries_descriptors.npy").exists()
+    assert not list((tmp_path / "datasets").glob("*.partial"))
+
+
+def test_typos_and_unknown_modes_are_rejected(tmp_path):
+    out = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.eval.test_metod=x")
+    assert out.returncode != 0 and "test_method" in out.stderr  # "Did you mean"
+    out = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path), "--mode", "fly")
+    assert out.returncode != 0 and "--mode" in out.stderr
+
+
+def test_missing_datasets_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("DATASETS_FOLDER", raising=False)
+    with pytest.raises(ValueError, match="no datasets folder: set --config.data.datasets_folder"):
+        experiment.run(common.get_config(), tmp_path)
+    monkeypatch.setenv("DATASETS_FOLDER", str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match="dataset folder .*pitts30k does not exist"):
+        experiment.run(common.get_config(), tmp_path)
+
+
+def test_unavailable_backbone_and_synthetic_kind_are_named(tmp_path):
+    config = demo.get_config()
+    config.data.datasets_folder = str(tmp_path)
+    config.data.synthetic = "forest"
+    with pytest.raises(ValueError, match="unknown config.data.synthetic 'forest'"):
+        experiment.run(config, tmp_path)
+    with pytest.raises(ValueError, match="backbone 'resnet18conv4' is not available"):
+        experiment.build_embed_fn(common.get_config().model)
+
+
+def test_pca_needs_its_folder(tmp_path):
+    config = demo.get_config()
+    config.data.datasets_folder = str(tmp_path)
+    config.eval.pca_dim = 8
+    with pytest.raises(ValueError, match="pca_dim needs config.eval.pca_dataset_folder"):
+        experiment.run(config, tmp_path / "run")
+    config.eval.pca_dataset_folder = "aerial_demo/images/test/database"
+    config.eval.test_method = "hard_resize"
+    results = experiment.run(config, tmp_path / "run")
+    assert results["results"]["hard_resize"]["descriptor_dim"] == 8
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", {}),
+    ("nlist=1024, nprobe=16", {"nlist": 1024, "nprobe": 16}),
+    ("ef_search=64,scale=0.5", {"ef_search": 64, "scale": 0.5}),
+])
+def test_parse_index_params(text, expected):
+    assert experiment.parse_index_params(text) == expected
+
+
+def test_parse_index_params_rejects_malformed_items():
+    with pytest.raises(ValueError, match="expected key=value items, got 'nlist'"):
+        experiment.parse_index_params("nlist")
+
+
+def test_common_config_keeps_the_benchmark_defaults():
+    config = common.get_config()
+    assert tuple(config.data.resize) == (480, 640) and config.data.infer_batch_size == 16
+    assert (config.train.train_batch_size, config.train.lr, config.train.margin) == (4, 1e-5, 0.1)
+    assert (config.mining.mining, config.mining.cache_refresh_rate) == ("partial", 1000)
+    assert config.mining.queries_per_epoch % config.mining.cache_refresh_rate == 0
+    assert tuple(config.eval.recall_values) == (1, 5, 10, 20)
+    assert config.data.val_positive_dist_threshold == 25 and config.data.train_positives_dist_threshold == 10
