@@ -32,11 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
         l2="before_pool",
         netvlad_clusters=64,
         fc_output_dim=config_dict.placeholder(int),
-        pretrain="imagenet",
+        pretrain="imagenet",  # imagenet | none | a local weights file (torchvision/HF/CCT layout)
         trunc_te=config_dict.placeholder(int),
         freeze_te=config_dict.placeholder(int),
         dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
-        resume="",  # checkpoint to evaluate or to start training from
+        frozen_bn=False,  # True: BatchNorm of frozen stages stops updating its statistics
+        resume="",  # a whole network's checkpoint to evaluate or to start training from
+        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files)
     ))
 
     config.train = ml_collections.ConfigDict(dict(

@@ -57,14 +57,21 @@ def test_missing_datasets_folder_is_a_clear_error(tmp_path, monkeypatch):
         experiment.run(common.get_config(), tmp_path)
 
 
-def test_unavailable_backbone_and_synthetic_kind_are_named(tmp_path):
+def test_unknown_synthetic_kind_is_named(tmp_path):
     config = demo.get_config()
     config.data.datasets_folder = str(tmp_path)
     config.data.synthetic = "forest"
     with pytest.raises(ValueError, match="unknown config.data.synthetic 'forest'"):
         experiment.run(config, tmp_path)
-    with pytest.raises(ValueError, match="backbone 'resnet18conv4' is not available"):
-        experiment.build_embed_fn(common.get_config().model)
+
+
+def test_offline_imagenet_weights_fail_loudly_instead_of_random_init(tmp_path, monkeypatch):
+    monkeypatch.setenv("VGJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VGJAX_OFFLINE", "1")
+    config = common.get_config()
+    config.model.aggregation = "gem"
+    with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth is not cached and downloads are off"):
+        experiment.build_embed_fn(config)
 
 
 def test_pca_needs_its_folder(tmp_path):

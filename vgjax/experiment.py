@@ -3,26 +3,31 @@
 Modes:
   eval: evaluate a model on `config.eval.split` with `config.eval.test_method` (or "all" of the
     benchmark's test methods), write results.json (and descriptors on request) to the workdir.
+  profile: parameters, size, FLOPs, descriptor dim and extraction speed of the configured
+    network at config.data.resize (the paper's Table 3 columns), printed and in profile.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
 import ml_collections
-import numpy as np
+from absl import logging
 
-from vgjax import baselines
+from vgjax import baselines, profiling
 from vgjax import evaluate as evaluate_lib
 from vgjax.data import synthetic
 from vgjax.data.vg_folder import load_split
+from vgjax.models import geoloc_net, pretrained
 
-MODES = ("eval",)
-AVAILABLE_BACKBONES = ("tiny_image",)
+MODES = ("eval", "profile")
+BASELINES = ("tiny_image",)
 SYNTHETIC_DATASETS = ("aerial",)
+RESUME_FORMATS = ("benchmark", "cosplace")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str | None = None) -> dict:
@@ -33,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    return {"eval": run_eval}[mode](config, workdir)
+    return {"eval": run_eval, "profile": run_profile}[mode](config, workdir)
 
 
 def datasets_root(data_config: ml_collections.ConfigDict) -> Path:
@@ -65,12 +70,31 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> Path:
     return path
 
 
-def build_embed_fn(model_config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
-    """An embed function (uint8 [B, H, W, 3] -> [B, D]) for the configured model."""
-    if model_config.backbone == "tiny_image":
+def load_variables(model_config: ml_collections.ConfigDict, image_size: tuple[int, int], seed: int = 0):
+    """(network, variables): random init, overwritten by model.resume (a whole network) or else
+    by model.pretrain (the backbone only)."""
+    model = geoloc_net.build(model_config, image_size)
+    variables = geoloc_net.init_variables(model, image_size, seed)
+    if model_config.resume:
+        if model_config.resume_format not in RESUME_FORMATS:
+            raise ValueError(f"unknown model.resume_format {model_config.resume_format!r}; "
+                             f"choose one of {RESUME_FORMATS}")
+        loader = {"benchmark": pretrained.load_benchmark_checkpoint,
+                  "cosplace": pretrained.load_cosplace_checkpoint}[model_config.resume_format]
+        return model, pretrained.merge_variables(variables, loader(model_config.resume, model_config, image_size))
+    backbone = pretrained.load_pretrained_backbone(model_config, image_size)
+    if backbone is None:
+        logging.warning("model.pretrain=none and no model.resume: the network has RANDOM weights")
+        return model, variables
+    return model, pretrained.merge_variables(variables, backbone)
+
+
+def build_embed_fn(config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
+    """An embed function (uint8 [B, H, W, 3] -> [B, D]) for config.model at config.data.resize."""
+    if config.model.backbone in BASELINES:
         return baselines.tiny_image_embed()
-    raise ValueError(f"backbone {model_config.backbone!r} is not available in this version of "
-                     f"vgjax; available: {AVAILABLE_BACKBONES}")
+    model, variables = load_variables(config.model, tuple(config.data.resize), config.seed)
+    return geoloc_net.make_embed_fn(model, variables)
 
 
 def parse_index_params(text: str) -> dict[str, int | float]:
@@ -122,7 +146,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     split = load_split(prepare_dataset(config), config.eval.split,
                        config.data.val_positive_dist_threshold)
     print(split)
-    embed_fn = build_embed_fn(config.model)
+    embed_fn = build_embed_fn(config)
     pca = _fit_pca(config, embed_fn)
     method = config.eval.test_method
     methods = evaluate_lib.TEST_METHODS if method == "all" else (method,)
@@ -153,4 +177,14 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     _write_json(workdir / "results.json", summary)
     print(_results_table(results))
     print(f"Wrote {workdir / 'results.json'}")
+    return summary
+
+
+def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Profiles config.model at config.data.resize; writes workdir/profile.json."""
+    profile = profiling.profile_model(config.model, tuple(config.data.resize),
+                                      batch_size=config.data.infer_batch_size)
+    print(profiling.format_table([profile]))
+    summary = dataclasses.asdict(profile)
+    _write_json(workdir / "profile.json", summary)
     return summary

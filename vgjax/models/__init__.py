@@ -1,0 +1,1 @@
+"""Networks: backbones, aggregations, the full geo-localization model and weight import."""

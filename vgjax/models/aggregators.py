@@ -1,0 +1,422 @@
+"""Aggregation layers of the benchmark: local features -> one global descriptor (reference §2.2,
+§2.3, §2.5).
+
+Inputs are channels-last feature maps [B, H, W, C] from CNN backbones or, for the layers the
+benchmark allows after CCT/ViT (gem, netvlad), tokens [B, T, C]. Every layer returns [B, D].
+The `--l2` placement wrapper, the optional FC and the cls/seqpool token selection belong to the
+full network, not here: a layer normalizes only where the benchmark's layer itself does (RRM
+ends with L2; NetVLAD and CRN normalize the local descriptors, each cluster and the output).
+
+Mixed precision (dtype=bfloat16): only the matmuls and convolutions with learned weights (RRM's
+two Dense layers, CRN's three context filters) compute in `dtype`. Everything numerically
+sensitive stays in float32: GeM's clamp/pow/mean, averages, every L2 norm, LayerNorm
+statistics, the CRN mask's channel sum and upsampling, and the whole NetVLAD core (soft
+assignment, softmax, residual aggregation). The two NetVLAD matmuls are cheap next to any
+backbone, so they run in float32 at HIGHEST precision on every device (no TF32/bf16 passes):
+the assignment logits are alpha * cosine with alpha in the tens, where bf16 rounding would
+visibly change the softmax, and V[k] cancels a large sum against c_k * sum(a). Outputs are cast
+to `dtype`.
+
+Weight import: `import_torch(reader, prefix, aggregation, channels, clusters)` reads one
+aggregation's tensors under the benchmark's names relative to the aggregation module (prefix
+"aggregation." for netvlad/crn/rrm, "aggregation.1." for gem under l2=before_pool, see §2.8).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgjax.models.convert import StateDictReader, WeightImportError, conv_kernel, dense_kernel
+
+_F32 = jnp.float32
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """torch `F.normalize(x, p=2, dim=axis)`: x / max(||x||, eps), computed in float32."""
+    x = x.astype(_F32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def _local_descriptors(x: jax.Array, layer: str) -> jax.Array:
+    """Maps [B, H, W, C] or tokens [B, T, C] -> local descriptors [B, N, C]."""
+    if x.ndim == 4:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if x.ndim == 3:
+        return x
+    raise ValueError(f"{layer}: expected feature maps [B, H, W, C] or tokens [B, T, C], "
+                     f"got shape {x.shape}")
+
+
+def _require_maps(x: jax.Array, layer: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{layer}: expected CNN feature maps [B, H, W, C], got shape {x.shape} "
+                         "(after token backbones the benchmark allows only gem and netvlad)")
+
+
+def _torch_default_uniform(fan_in: int):
+    """torch's default Linear/Conv init of weights and biases: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=_F32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+# ------------------------------------------------------------------------------ global poolings
+
+class GeM(nn.Module):
+    """Generalized mean pooling with a learnable exponent p (init 3.0, param shape (1,)).
+
+    [B, H, W, C] or [B, T, C] -> [B, C]: (mean over positions of max(x, eps)^p)^(1/p).
+    """
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = _local_descriptors(x, "GeM").astype(_F32)
+        p = self.param("p", nn.initializers.constant(3.0), (1,), self.param_dtype).astype(_F32)
+        pooled = jnp.mean(jnp.maximum(x, self.eps) ** p, axis=1)
+        return (pooled ** (1.0 / p)).astype(self.dtype)
+
+
+class SPoC(nn.Module):
+    """Sum (average) pooling: [B, H, W, C] -> [B, C] spatial mean."""
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _require_maps(x, "SPoC")
+        return jnp.mean(x.astype(_F32), axis=(1, 2)).astype(self.dtype)
+
+
+class MAC(nn.Module):
+    """Maximum activation of convolutions: [B, H, W, C] -> [B, C] spatial max."""
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _require_maps(x, "MAC")
+        return jnp.max(x, axis=(1, 2)).astype(self.dtype)
+
+
+_RMAC_OVERLAP = np.float32(0.4)
+_RMAC_STEPS = np.arange(2, 8, dtype=np.float32)
+
+
+def rmac_regions(height: int, width: int, levels: int = 3) -> list[tuple[int, int, int]]:
+    """R-MAC's square regions (top, left, size) on a height x width map, global one excluded.
+
+    Radenovic's cirtorch geometry: the number of extra regions along the long side comes from
+    the steps 2..7 whose overlap is closest to 0.4, computed in float32 like torch; the
+    region starts are float32 values floored. 30x40 -> 2 + 6 + 12 = 20 regions of sizes
+    30/20/15.
+    """
+    w = min(height, width)
+    b = np.float32(max(height, width) - w) / (_RMAC_STEPS - 1)
+    overlap = (np.float32(w * w) - np.float32(w) * b) / np.float32(w * w)
+    idx = int(np.argmin(np.abs(overlap - _RMAC_OVERLAP)))
+    extra_w = idx + 1 if height < width else 0
+    extra_h = idx + 1 if height > width else 0
+    regions = []
+    for level in range(1, levels + 1):
+        size = math.floor(2 * w / (level + 1))
+        if size == 0:
+            continue
+        tops = _region_starts(height, size, level + extra_h)
+        lefts = _region_starts(width, size, level + extra_w)
+        regions += [(top, left, size) for top in tops for left in lefts]
+    return regions
+
+
+def _region_starts(length: int, size: int, count: int) -> list[int]:
+    """`count` region starts spread over `length`, as cirtorch floors float32 centres."""
+    half = math.floor(size / 2 - 1)
+    step = 0.0 if count == 1 else (length - size) / (count - 1)
+    centres = np.floor(np.float32(half) + np.arange(count, dtype=np.float32) * np.float32(step))
+    return [int(c) - half for c in centres]
+
+
+class RMAC(nn.Module):
+    """Regional MAC (cirtorch): global max-pool plus the max-pool of every `rmac_regions`
+    region, each divided by (||v|| + eps), summed. [B, H, W, C] -> [B, C], not normalized.
+    Regions are static given (H, W) and computed in Python at trace time."""
+    L: int = 3
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _require_maps(x, "RMAC")
+        v = self._unit_max(x)
+        for top, left, size in rmac_regions(x.shape[1], x.shape[2], self.L):
+            v = v + self._unit_max(x[:, top:top + size, left:left + size])
+        return v.astype(self.dtype)
+
+    def _unit_max(self, x: jax.Array) -> jax.Array:
+        v = jnp.max(x, axis=(1, 2)).astype(_F32)
+        return v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + self.eps)
+
+
+class RRM(nn.Module):
+    """Residual retrieval module: average pool -> LayerNorm (ln1) -> x + fc2(relu(fc1(x))) ->
+    LayerNorm (ln2) -> L2. [B, H, W, C] -> [B, C] with unit norm. LN eps 1e-5; fc C -> C with
+    bias, initialised like torch's Linear."""
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _require_maps(x, "RRM")
+        channels = x.shape[-1]
+        x = self._layer_norm("ln1")(jnp.mean(x.astype(_F32), axis=(1, 2)))
+        y = nn.relu(self._dense(channels, "fc1")(x))
+        x = self._layer_norm("ln2")(x + self._dense(channels, "fc2")(y))
+        return l2_normalize(x).astype(self.dtype)
+
+    def _layer_norm(self, name: str) -> nn.LayerNorm:
+        return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name)
+
+    def _dense(self, channels: int, name: str) -> nn.Dense:
+        init = _torch_default_uniform(channels)
+        return nn.Dense(channels, kernel_init=init, bias_init=init, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=name)
+
+
+# ------------------------------------------------------------------------------ NetVLAD and CRN
+
+def _vlad_params(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
+    """Declares NetVLAD's params on `module`: `centroids` [K, C], initialised U[0, 1) like
+    torch.rand, and `assignment_kernel` [C, K] (the bias-free 1x1 conv, usable on maps and
+    tokens), initialised U(+-1/sqrt(C)) like a fresh torch conv; both are meant to be replaced
+    by `netvlad_init.init_params` or a checkpoint."""
+    centroids = module.param("centroids", nn.initializers.uniform(1.0),
+                             (module.clusters, channels), module.param_dtype)
+    kernel = module.param("assignment_kernel", _torch_default_uniform(channels),
+                          (channels, module.clusters), module.param_dtype)
+    return centroids.astype(_F32), kernel.astype(_F32)
+
+
+def _soft_assignment(descriptors: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Unit descriptors [B, N, C] -> softmax over clusters of the 1x1 conv, [B, N, K]."""
+    logits = jnp.einsum("bnc,ck->bnk", descriptors, kernel, precision=_HIGHEST)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _vlad(descriptors: jax.Array, assignment: jax.Array, centroids: jax.Array) -> jax.Array:
+    """V[k] = sum_i a_k(x_i) (x_i - c_k) -> intra L2 -> cluster-major flatten -> L2, [B, K*C]."""
+    weighted = jnp.einsum("bnk,bnc->bkc", assignment, descriptors, precision=_HIGHEST)
+    vlad = weighted - assignment.sum(axis=1)[:, :, None] * centroids[None]
+    vlad = l2_normalize(vlad, axis=-1)
+    return l2_normalize(vlad.reshape(vlad.shape[0], -1))
+
+
+class NetVLAD(nn.Module):
+    """NetVLAD (reference §2.3): [B, H, W, C] or [B, T, C] -> [B, clusters * C], unit norm.
+
+    Local descriptors are L2-normalized over channels, softly assigned with softmax over clusters
+    of a bias-free 1x1 conv (`assignment_kernel` [C, K]), and their residuals to the raw
+    `centroids` [K, C] summed per cluster; then intra-normalization, flatten at index k * C + c,
+    global L2. Computed in float32 whatever `dtype` is (see the module docstring).
+    """
+    clusters: int = 64
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        descriptors = l2_normalize(_local_descriptors(x, "NetVLAD"))
+        centroids, kernel = _vlad_params(self, descriptors.shape[-1])
+        assignment = _soft_assignment(descriptors, kernel)
+        return _vlad(descriptors, assignment, centroids).astype(self.dtype)
+
+
+def _ceil_pool_size(length: int, window: int = 3, stride: int = 2) -> int:
+    """Output length of torch's pooling with padding 0 and ceil_mode=True: the last window may
+    overhang the end but must start inside the input."""
+    size = -(-(length - window) // stride) + 1
+    return size - 1 if (size - 1) * stride >= length else size
+
+
+def _avg_pool_3x3_s2_ceil(x: jax.Array) -> jax.Array:
+    """torch AvgPool2d(3, stride=2, padding=0, ceil_mode=True) on [B, H, W, C]. With padding 0
+    torch divides an overhanging window by its in-bounds element count."""
+    height, width = x.shape[1:3]
+    out_h, out_w = _ceil_pool_size(height), _ceil_pool_size(width)
+    pad = ((0, 0), (0, 2 * out_h + 1 - height), (0, 2 * out_w + 1 - width), (0, 0))
+    sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 2, 2, 1), pad)
+    rows = np.minimum(3, height - 2 * np.arange(out_h))
+    cols = np.minimum(3, width - 2 * np.arange(out_w))
+    counts = np.outer(rows, cols).astype(np.float32)
+    return sums / counts[None, :, :, None]
+
+
+def _bilinear_x2_taps(length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weight of torch's bilinear x2 upsampling (align_corners=False):
+    src = max((dst + 0.5) / 2 - 0.5, 0), between floor(src) and min(floor(src) + 1, n - 1)."""
+    src = np.maximum((np.arange(2 * length) + 0.5) * 0.5 - 0.5, 0.0)
+    lower = src.astype(np.int64)
+    upper = np.minimum(lower + 1, length - 1)
+    return lower, upper, (src - lower).astype(np.float32)
+
+
+def _upsample_bilinear_x2(mask: jax.Array) -> jax.Array:
+    """torch `F.interpolate(scale_factor=2, mode='bilinear', align_corners=False)` on [B, h, w]."""
+    lower, upper, frac = _bilinear_x2_taps(mask.shape[1])
+    mask = mask[:, lower] * (1 - frac)[None, :, None] + mask[:, upper] * frac[None, :, None]
+    lower, upper, frac = _bilinear_x2_taps(mask.shape[2])
+    return mask[:, :, lower] * (1 - frac) + mask[:, :, upper] * frac
+
+
+_CRN_FILTERS = ((3, 32), (5, 32), (7, 20))
+
+
+class CRNModule(nn.Module):
+    """CRN's context mask (reference §2.5): [B, H, W, C] -> [B, H, W], non-negative.
+
+    AvgPool(3, stride 2, ceil_mode) -> 3x3/5x5/7x7 convs (32/32/20 channels, "same" padding,
+    bias; xavier-normal weights, zero bias) -> concat 84 -> ReLU -> `acc_w` -> ReLU -> bilinear
+    x2 upsampling. The benchmark's acc_w is a 1x1 conv 84 -> 1 with weight 1 and bias 0 that it
+    never trains; here it is that constant (a channel sum), not a parameter, so no optimizer or
+    mask can ever change it (`import_torch` checks a checkpoint holds exactly 1 and 0).
+    """
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        height, width = x.shape[1:3]
+        out_h, out_w = _ceil_pool_size(height), _ceil_pool_size(width)
+        if out_h < 1 or out_w < 1 or (2 * out_h, 2 * out_w) != (height, width):
+            raise ValueError(
+                f"CRN: a {height}x{width} feature map gives a {2 * out_h}x{2 * out_w} context "
+                "mask (AvgPool 3/2 with ceil_mode, then x2 upsampling); CRN needs even H and W, "
+                "e.g. a conv4 or VGG16 map at 480x640 (30x40), not a conv5 one (15x20)")
+        pooled = _avg_pool_3x3_s2_ceil(x.astype(_F32))
+        context = jnp.concatenate([self._filter(k, n)(pooled) for k, n in _CRN_FILTERS], axis=-1)
+        # acc_w then ReLU: a channel sum of ReLU outputs, already non-negative
+        mask = jnp.sum(nn.relu(context.astype(_F32)), axis=-1)
+        return _upsample_bilinear_x2(mask)
+
+    def _filter(self, size: int, features: int) -> nn.Conv:
+        return nn.Conv(features, (size, size), padding=[(size // 2, size // 2)] * 2,
+                       kernel_init=nn.initializers.variance_scaling(1.0, "fan_avg", "normal"),
+                       bias_init=nn.initializers.zeros, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=f"filter_{size}_{size}")
+
+
+class CRN(nn.Module):
+    """Contextual Reweighting Network (reference §2.5): NetVLAD on [B, H, W, C] (H and W even)
+    whose soft assignment is multiplied by the `crn` context mask computed from the normalized
+    map. -> [B, clusters * C], unit norm. Params: NetVLAD's plus `crn` (the sub-tree the
+    benchmark trains with its own learning rate)."""
+    clusters: int = 64
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _require_maps(x, "CRN")
+        batch, height, width, channels = x.shape
+        x = l2_normalize(x)
+        mask = CRNModule(dtype=self.dtype, param_dtype=self.param_dtype, name="crn")(x)
+        descriptors = x.reshape(batch, height * width, channels)
+        centroids, kernel = _vlad_params(self, channels)
+        assignment = _soft_assignment(descriptors, kernel) * mask.reshape(batch, -1, 1)
+        return _vlad(descriptors, assignment, centroids).astype(self.dtype)
+
+
+# ------------------------------------------------------------------------------ registry, import
+
+AGGREGATIONS = {"gem": GeM, "spoc": SPoC, "mac": MAC, "rmac": RMAC, "rrm": RRM,
+                "netvlad": NetVLAD, "crn": CRN}
+
+
+def _check_name(aggregation: str) -> str:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation '{aggregation}'; choices: {sorted(AGGREGATIONS)} "
+                         "(cls and seqpool come from the CCT/ViT backbones)")
+    return aggregation
+
+
+def create(aggregation: str, clusters: int = 64, dtype: Any = jnp.float32,
+           param_dtype: Any = jnp.float32) -> nn.Module:
+    """The aggregation module named as in the benchmark's `--aggregation`."""
+    module = AGGREGATIONS[_check_name(aggregation)]
+    if aggregation in ("netvlad", "crn"):
+        return module(clusters=clusters, dtype=dtype, param_dtype=param_dtype)
+    return module(dtype=dtype, param_dtype=param_dtype)
+
+
+def output_dim(aggregation: str, channels: int, clusters: int = 64) -> int:
+    """Descriptor size: clusters * channels for netvlad/crn, channels otherwise."""
+    return clusters * channels if _check_name(aggregation) in ("netvlad", "crn") else channels
+
+
+def import_torch(reader: StateDictReader, prefix: str, aggregation: str, channels: int,
+                 clusters: int = 64) -> dict:
+    """Flax variables {"params": ...} of one aggregation from the benchmark's tensors
+    `prefix + <key>`: gem `p` [1]; netvlad `centroids` [K, C] and `conv.weight` [K, C, 1, 1]
+    (Conv2d, CNN) or [K, C, 1] (Conv1d, tokens); crn adds `crn.filter_{3_3,5_5,7_7}.{weight,
+    bias}` and `crn.acc_w.{weight,bias}` (read and checked to be 1 and 0); rrm
+    `{ln1,fc1,fc2,ln2}.{weight,bias}`. spoc, mac and rmac have no tensors."""
+    _check_name(aggregation)
+    if aggregation == "gem":
+        return {"params": {"p": reader.take(prefix + "p", (1,))}}
+    if aggregation == "rrm":
+        return {"params": _import_rrm(reader, prefix, channels)}
+    if aggregation in ("netvlad", "crn"):
+        params = _import_vlad(reader, prefix, channels, clusters)
+        if aggregation == "crn":
+            params["crn"] = _import_crn_module(reader, prefix + "crn.", channels)
+        return {"params": params}
+    return {"params": {}}
+
+
+def _import_vlad(reader: StateDictReader, prefix: str, channels: int, clusters: int) -> dict:
+    weight = reader.take(prefix + "conv.weight")
+    if weight.shape not in ((clusters, channels, 1, 1), (clusters, channels, 1)):
+        raise WeightImportError(
+            f"{reader.source}: tensor '{prefix}conv.weight' has shape {weight.shape}, expected "
+            f"{(clusters, channels, 1, 1)} (Conv2d) or {(clusters, channels, 1)} (Conv1d)")
+    return {"centroids": reader.take(prefix + "centroids", (clusters, channels)),
+            "assignment_kernel": weight.reshape(clusters, channels).T}
+
+
+def _import_crn_module(reader: StateDictReader, prefix: str, channels: int) -> dict:
+    params = {}
+    for size, features in _CRN_FILTERS:
+        name = f"filter_{size}_{size}"
+        weight = reader.take(f"{prefix}{name}.weight", (features, channels, size, size))
+        params[name] = {"kernel": conv_kernel(weight),
+                        "bias": reader.take(f"{prefix}{name}.bias", (features,))}
+    acc_weight = reader.take(prefix + "acc_w.weight", (1, 84, 1, 1))
+    acc_bias = reader.take(prefix + "acc_w.bias", (1,))
+    if not (np.all(acc_weight == 1) and np.all(acc_bias == 0)):
+        raise WeightImportError(f"{reader.source}: '{prefix}acc_w' must be the benchmark's fixed "
+                                "weight 1 / bias 0 (vgjax's CRN hard-codes it)")
+    return params
+
+
+def _import_rrm(reader: StateDictReader, prefix: str, channels: int) -> dict:
+    params = {}
+    for name in ("ln1", "ln2"):
+        params[name] = {"scale": reader.take(f"{prefix}{name}.weight", (channels,)),
+                        "bias": reader.take(f"{prefix}{name}.bias", (channels,))}
+    for name in ("fc1", "fc2"):
+        params[name] = {"kernel": dense_kernel(reader.take(f"{prefix}{name}.weight",
+                                                           (channels, channels))),
+                        "bias": reader.take(f"{prefix}{name}.bias", (channels,))}
+    return params

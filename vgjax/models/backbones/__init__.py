@@ -1,0 +1,1 @@
+"""Backbones: Flax Linen modules mapping ImageNet-normalized NHWC images to features."""

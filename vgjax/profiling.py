@@ -1,0 +1,108 @@
+"""Model profile: parameters, size, FLOPs (XLA cost analysis), descriptor dim, extraction speed.
+
+The columns of the paper's Table 3. FLOPs are what XLA counts for the compiled inference
+forward of one image (a multiply-add counts 2), so they include every op, not only convs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vgjax.models import geoloc_net
+
+
+@dataclasses.dataclass
+class Profile:
+    backbone: str
+    aggregation: str
+    image_size: tuple[int, int]
+    dtype: str
+    descriptor_dim: int
+    params_total: int
+    params_trainable: int
+    size_mb: float  # float32 parameters and batch statistics
+    gflops_per_image: float
+    batch_size: int
+    ms_per_image: float
+    images_per_second: float
+    compile_seconds: float
+    device: str
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def _trainable_count(config, params) -> int:
+    mask = geoloc_net.trainable_mask(config, params)
+    return int(sum(np.prod(np.shape(p)) for p, m in zip(jax.tree_util.tree_leaves(params),
+                                                          jax.tree_util.tree_leaves(mask)) if m))
+
+
+def xla_flops(fn, *args) -> float:
+    """FLOPs XLA's cost analysis reports for the compiled `fn(*args)`."""
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax returns one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def _time_forward(forward, variables, images, iterations: int) -> tuple[float, float]:
+    """(compile + first call seconds, median seconds per batch over `iterations` calls)."""
+    tick = time.perf_counter()
+    jax.block_until_ready(forward(variables, images))
+    compile_seconds = time.perf_counter() - tick
+    times = []
+    for _ in range(iterations):
+        tick = time.perf_counter()
+        jax.block_until_ready(forward(variables, images))
+        times.append(time.perf_counter() - tick)
+    return compile_seconds, float(np.median(times))
+
+
+def profile_model(config: ml_collections.ConfigDict, image_size: tuple[int, int] = (480, 640),
+                  batch_size: int = 8, iterations: int = 5, seed: int = 0) -> Profile:
+    """Builds the network of `config` (a model section) and measures it on the default device."""
+    model = geoloc_net.build(config, image_size)
+    variables = geoloc_net.init_variables(model, image_size, seed)
+    forward = jax.jit(lambda v, x: model.apply(v, geoloc_net.normalize_images(x), train=False))
+    one = jnp.zeros((1, *image_size, 3), jnp.uint8)
+    batch = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (batch_size, *image_size, 3), np.uint8))
+    compile_seconds, seconds = _time_forward(forward, variables, batch, iterations)
+    return Profile(
+        backbone=config.backbone,
+        aggregation=config.aggregation + (f"+fc{config.fc_output_dim}" if config.fc_output_dim else ""),
+        image_size=tuple(image_size),
+        dtype=config.dtype,
+        descriptor_dim=geoloc_net.descriptor_dim(config),
+        params_total=count_params(variables["params"]),
+        params_trainable=_trainable_count(config, variables["params"]),
+        size_mb=4 * count_params(variables) / 2 ** 20,
+        gflops_per_image=xla_flops(forward, variables, one) / 1e9,
+        batch_size=batch_size,
+        ms_per_image=1000 * seconds / batch_size,
+        images_per_second=batch_size / seconds,
+        compile_seconds=compile_seconds,
+        device=f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+    )
+
+
+def format_table(profiles: list[Profile]) -> str:
+    """A text table with the paper's Table 3 columns."""
+    header = (f"{'backbone':<16}{'aggregation':<14}{'dim':>7}{'params M':>10}{'train M':>9}"
+              f"{'MB':>8}{'GFLOPs':>9}{'ms/img':>9}{'img/s':>8}")
+    lines = [header, "-" * len(header)]
+    for p in profiles:
+        lines.append(f"{p.backbone:<16}{p.aggregation:<14}{p.descriptor_dim:>7}"
+                     f"{p.params_total / 1e6:>10.2f}{p.params_trainable / 1e6:>9.2f}{p.size_mb:>8.1f}"
+                     f"{p.gflops_per_image:>9.2f}{p.ms_per_image:>9.1f}{p.images_per_second:>8.2f}")
+    size = profiles[0].image_size if profiles else ()
+    lines.append(f"({profiles[0].device if profiles else ''}, {size[0] if size else ''}x"
+                 f"{size[1] if size else ''}, batch {profiles[0].batch_size if profiles else ''})")
+    return "\n".join(lines)
