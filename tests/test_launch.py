@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from configs import common, demo
+from torch_helpers import import_torchvision
 from vgjax import evaluate, experiment
+from vgjax.models import geoloc_net
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,3 +111,44 @@ def test_common_config_keeps_the_benchmark_defaults():
     assert config.mining.queries_per_epoch % config.mining.cache_refresh_rate == 0
     assert tuple(config.eval.recall_values) == (1, 5, 10, 20)
     assert config.data.val_positive_dist_threshold == 25 and config.data.train_positives_dist_threshold == 10
+
+
+def test_profile_mode_prints_the_table_columns(tmp_path):
+    out = _launch("--config", "configs/common.py", "--workdir", str(tmp_path), "--mode", "profile",
+                  "--config.model.aggregation=gem", "--config.model.pretrain=none",
+                  "--config.data.resize=(64, 80)", "--config.data.infer_batch_size=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert profile["descriptor_dim"] == 256 and profile["image_size"] == [64, 80]
+    # ResNet-18 up to layer3 (2,782,784, of which layer3 has 2,099,712 trained) plus GeM's p.
+    assert profile["params_total"] == 2_782_785 and profile["params_trainable"] == 2_099_713
+    assert profile["gflops_per_image"] > 0.1 and profile["images_per_second"] > 0
+    assert "GFLOPs" in out.stdout and "resnet18conv4" in out.stdout
+
+
+def test_eval_mode_with_a_network_from_a_benchmark_checkpoint(tmp_path):
+    config = common.get_config()
+    config.model.aggregation, config.model.netvlad_clusters = "netvlad", 4
+    config.data.resize = (96, 128)
+    model = geoloc_net.build(config.model, (96, 128))
+    variables = geoloc_net.init_variables(model, (96, 128), seed=3)
+    # Write the random network in the benchmark's layout (torchvision names -> backbone.<i>).
+    children = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6"}
+    state = {}
+    tv = import_torchvision().models.resnet18()
+    for key, value in tv.state_dict().items():
+        head, _, rest = key.partition(".")
+        if head in children:
+            state[f"backbone.{children[head]}.{rest}"] = value.numpy()
+    state["aggregation.centroids"] = np.asarray(variables["params"]["aggregation"]["centroids"])
+    state["aggregation.conv.weight"] = np.asarray(variables["params"]["aggregation"]["assignment_kernel"]).T[:, :, None, None]
+    np.savez(tmp_path / "net.npz", **state)
+    out = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
+                  f"--config.data.datasets_folder={tmp_path / 'datasets'}",
+                  "--config.model.backbone=resnet18conv4", "--config.model.aggregation=netvlad",
+                  "--config.model.netvlad_clusters=4", f"--config.model.resume={tmp_path / 'net.npz'}",
+                  "--config.eval.test_method=hard_resize")
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["results"]["hard_resize"]["descriptor_dim"] == 1024
+    assert results["backbone"] == "resnet18conv4"

@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -16,7 +15,9 @@ from configs import common
 from torch_helpers import import_torchvision, nhwc, randomize_batch_norm, state_dict_numpy
 from torch_reference import (BenchmarkNet, CCTBackbone, Flatten, GeM, L2Norm, ViTBackbone,
                              benchmark_aggregation)
-from vgjax.models import geoloc_net, pretrained
+from vgjax.data import images as image_ops
+from vgjax.data import synthetic
+from vgjax.models import geoloc_net, netvlad_init, pretrained
 
 TOL = 1e-4
 CLUSTERS = 8
@@ -245,3 +246,22 @@ def test_embed_fn_normalizes_uint8_on_device_and_bfloat16_is_close():
     low = geoloc_net.make_embed_fn(geoloc_net.build(config, (64, 64)), variables)(batch)
     assert low.dtype == np.float32
     assert np.abs(low - embedded).max() < 0.05
+
+
+def test_initialize_netvlad_from_dataset_images(tmp_path):
+    synthetic.build_aerial_dataset(tmp_path / "world", size_m=120.0, image_size=(64, 64), progress=False)
+    paths = sorted(str(p) for p in (tmp_path / "world").rglob("*.jpg"))
+    config = model_config("resnet18conv4", "netvlad")
+    model = geoloc_net.build(config, (64, 64))
+    variables = geoloc_net.init_variables(model, (64, 64))
+    initialized = geoloc_net.initialize_netvlad(model, variables, paths, (64, 64), CLUSTERS,
+                                                batch_size=4, descriptors_num=160, per_image=16)
+    # The same steps by hand: the 10 images the seed draws, their features, the k-means.
+    rng = np.random.default_rng(0)
+    chosen = [paths[i] for i in rng.choice(len(paths), 10, replace=False)]
+    features = geoloc_net.make_features_fn(model, variables)(np.stack([image_ops.load_rgb(p) for p in chosen]))
+    descriptors = netvlad_init.sample_local_descriptors([features], 16, rng)
+    expected = netvlad_init.init_params(netvlad_init.kmeans_centroids(descriptors, CLUSTERS), descriptors)
+    for name in ("centroids", "assignment_kernel"):
+        np.testing.assert_allclose(initialized["params"]["aggregation"][name], expected[name], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(np.asarray(model.apply(initialized, images((64, 64))[1]))).all()

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgjax.models.convert import StateDictReader, WeightImportError, conv_kernel, dense_kernel
+from vgjax.models.convert import StateDictReader, WeightImportError, conv, dense, layer_norm
 
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -399,9 +399,7 @@ def _import_crn_module(reader: StateDictReader, prefix: str, channels: int) -> d
     params = {}
     for size, features in _CRN_FILTERS:
         name = f"filter_{size}_{size}"
-        weight = reader.take(f"{prefix}{name}.weight", (features, channels, size, size))
-        params[name] = {"kernel": conv_kernel(weight),
-                        "bias": reader.take(f"{prefix}{name}.bias", (features,))}
+        params[name] = conv(reader, f"{prefix}{name}", features, channels, size)
     acc_weight = reader.take(prefix + "acc_w.weight", (1, 84, 1, 1))
     acc_bias = reader.take(prefix + "acc_w.bias", (1,))
     if not (np.all(acc_weight == 1) and np.all(acc_bias == 0)):
@@ -411,12 +409,6 @@ def _import_crn_module(reader: StateDictReader, prefix: str, channels: int) -> d
 
 
 def _import_rrm(reader: StateDictReader, prefix: str, channels: int) -> dict:
-    params = {}
-    for name in ("ln1", "ln2"):
-        params[name] = {"scale": reader.take(f"{prefix}{name}.weight", (channels,)),
-                        "bias": reader.take(f"{prefix}{name}.bias", (channels,))}
-    for name in ("fc1", "fc2"):
-        params[name] = {"kernel": dense_kernel(reader.take(f"{prefix}{name}.weight",
-                                                           (channels, channels))),
-                        "bias": reader.take(f"{prefix}{name}.bias", (channels,))}
+    params = {name: layer_norm(reader, prefix + name, channels) for name in ("ln1", "ln2")}
+    params.update({name: dense(reader, prefix + name, channels, channels) for name in ("fc1", "fc2")})
     return params

@@ -72,6 +72,29 @@ class StateDictReader:
             raise WeightImportError(f"{self.source}: unexpected tensors not used by this network: {shown}")
 
 
+def conv(reader: StateDictReader, name: str, out_channels: int, in_channels: int, kernel: int,
+         bias: bool = True) -> dict:
+    """torch Conv2d '<name>.{weight,bias}' -> flax Conv params (kernel [k, k, I, O], bias)."""
+    weight = reader.take(f"{name}.weight", (out_channels, in_channels, kernel, kernel))
+    params = {"kernel": conv_kernel(weight)}
+    if bias:
+        params["bias"] = reader.take(f"{name}.bias", (out_channels,))
+    return params
+
+
+def dense(reader: StateDictReader, name: str, n_in: int, n_out: int, bias: bool = True) -> dict:
+    """torch Linear '<name>.{weight,bias}' -> flax Dense params (kernel [n_in, n_out], bias)."""
+    params = {"kernel": dense_kernel(reader.take(f"{name}.weight", (n_out, n_in)))}
+    if bias:
+        params["bias"] = reader.take(f"{name}.bias", (n_out,))
+    return params
+
+
+def layer_norm(reader: StateDictReader, name: str, n: int) -> dict:
+    """torch LayerNorm '<name>.{weight,bias}' -> flax LayerNorm params {scale, bias}."""
+    return {"scale": reader.take(f"{name}.weight", (n,)), "bias": reader.take(f"{name}.bias", (n,))}
+
+
 def batch_norm(reader: StateDictReader, prefix: str, channels: int) -> tuple[dict, dict]:
     """torch BatchNorm2d '<prefix>.{weight,bias,running_mean,running_var}' -> (params, batch_stats)
     for flax.linen.BatchNorm; 'num_batches_tracked' is ignored."""

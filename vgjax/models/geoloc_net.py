@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgjax.models import aggregators
+from vgjax.data import images as image_ops
+from vgjax.models import aggregators, netvlad_init
 from vgjax.models.aggregators import l2_normalize
 from vgjax.models.backbones import alexnet, cct, resnet, vgg, vit
 
@@ -106,6 +107,10 @@ class GeoLocalizationNet(nn.Module):
             x = nn.Dense(self.fc_output_dim, dtype=self.dtype, name="fc")(x)
             x = l2_normalize(x)
         return x.astype(jnp.float32)
+
+    def backbone_features(self, images: jax.Array) -> jax.Array:
+        """Backbone output in inference mode: maps [B, h, w, C] or tokens [B, T, C]."""
+        return self.backbone(images.astype(self.dtype), train=False).astype(jnp.float32)
 
 
 def check_model_config(config: ml_collections.ConfigDict) -> None:
@@ -216,3 +221,25 @@ def make_embed_fn(model: GeoLocalizationNet, variables: dict):
         return np.asarray(embed(variables, images))
 
     return embed_numpy
+
+
+def make_features_fn(model: GeoLocalizationNet, variables: dict):
+    """A jit-compiled uint8 [B, H, W, 3] -> backbone features function (e.g. for NetVLAD init)."""
+    @jax.jit
+    def features(variables, images):
+        return model.apply(variables, normalize_images(images), method=GeoLocalizationNet.backbone_features)
+
+    return lambda images: np.asarray(features(variables, images))
+
+
+def initialize_netvlad(model: GeoLocalizationNet, variables: dict, paths, image_size: tuple[int, int],
+                       clusters: int, *, batch_size: int = 16, seed: int = 0, **kwargs) -> dict:
+    """`variables` with the NetVLAD/CRN centroids and assignment initialised by k-means over
+    local features of random images in `paths` (see netvlad_init.init_from_images)."""
+    transform = functools.partial(image_ops.resize_bilinear, size=tuple(image_size))
+    params = netvlad_init.init_from_images(make_features_fn(model, variables), paths, transform,
+                                           clusters, batch_size=batch_size, seed=seed, **kwargs)
+    new_params = dict(variables["params"])
+    new_params["aggregation"] = {**variables["params"]["aggregation"], **params}
+    return {**variables, "params": new_params}
+

@@ -1,5 +1,6 @@
 """NetVLAD initialisation from data, as the benchmark does it (reference §2.3, §9.4).
 
+0. `init_from_images` runs the steps below from image files and a features function.
 1. `sample_local_descriptors`: the caller embeds ceil(50000 / 100) = 500 random training images
    (database + queries, hard-resized, backbone in inference mode); 100 random local descriptors
    per image, each L2-normalized over channels.
@@ -17,10 +18,12 @@ position: normalized over channels, sampled as it is. The forward pass is the sa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
+
+from vgjax.data import pipeline
 
 DESCRIPTORS_NUM = 50_000
 DESCRIPTORS_PER_IMAGE = 100
@@ -109,3 +112,31 @@ def init_params(centroids: np.ndarray, descriptors: np.ndarray) -> dict:
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def init_from_images(features_fn: Callable[[np.ndarray], np.ndarray], paths: Sequence[str],
+                     transform: pipeline.ImageTransform, clusters: int, *, batch_size: int = 16,
+                     seed: int = 0, descriptors_num: int = DESCRIPTORS_NUM,
+                     per_image: int = DESCRIPTORS_PER_IMAGE, num_threads: int = 2) -> dict:
+    """NetVLAD params initialised from images, as the benchmark's initialize_netvlad_layer.
+
+    Args:
+      features_fn: uint8 images [B, H, W, 3] -> backbone features (maps or tokens), e.g.
+        `geoloc_net.make_features_fn(model, variables)`.
+      paths: the candidate images (the benchmark uses the train split's database + queries).
+      transform: host preprocessing to the training size (the benchmark hard-resizes).
+      clusters: K.
+      seed: draws the images and the positions.
+
+    Returns:
+      {"centroids": float32 [K, C], "assignment_kernel": float32 [C, K]}.
+    """
+    rng = np.random.default_rng(seed)
+    count = min(images_needed(descriptors_num, per_image), len(paths))
+    chosen = [paths[i] for i in rng.choice(len(paths), count, replace=False)]
+    batches = (np.asarray(features_fn(batch.images))[:batch.num_valid]
+               for batch in pipeline.inference_batches(chosen, transform, batch_size,
+                                                       num_threads=num_threads))
+    descriptors = sample_local_descriptors(batches, per_image, rng)
+    return init_params(kmeans_centroids(descriptors, clusters), descriptors)
+

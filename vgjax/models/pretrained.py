@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from vgjax.models import aggregators, geoloc_net
 from vgjax.models.backbones import alexnet, cct, resnet, vgg, vit
-from vgjax.models.convert import StateDictReader, WeightImportError, dense_kernel
+from vgjax.models.convert import StateDictReader, WeightImportError, dense
 
 # torchvision ImageNet (V1) weights, the benchmark's `pretrain=imagenet`. The 8 hex digits in
 # each name are the start of the file's sha256.
@@ -247,8 +247,7 @@ def _aggregation_prefixes(config) -> tuple[str, str | None]:
 
 
 def _import_fc(reader: StateDictReader, prefix: str, in_dim: int, out_dim: int) -> dict:
-    return {"params": {"kernel": dense_kernel(reader.take(prefix + "weight", (out_dim, in_dim))),
-                       "bias": reader.take(prefix + "bias", (out_dim,))}}
+    return {"params": dense(reader, prefix.rstrip("."), in_dim, out_dim)}
 
 
 def _fc_in_dim(config) -> int:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgjax.models.convert import StateDictReader, conv_kernel
+from vgjax.models.convert import StateDictReader, conv
 
 # (name, torch features index, in, out, kernel, stride, padding, max-pool 3x3/2 before it)
 _CONVS = (
@@ -57,11 +57,8 @@ def import_torch(reader: StateDictReader, prefix: str, dtype: Any = jnp.float32,
     fields can be passed as they are; parameters are cast to `param_dtype`."""
     params = {}
     for name, index, in_channels, out_channels, kernel, _, _, _ in _CONVS:
-        key = f"{prefix}features.{index}"
-        weight = reader.take(f"{key}.weight", (out_channels, in_channels, kernel, kernel))
-        bias = reader.take(f"{key}.bias", (out_channels,))
-        params[name] = {"kernel": jnp.asarray(conv_kernel(weight), param_dtype),
-                        "bias": jnp.asarray(bias, param_dtype)}
+        weights = conv(reader, f"{prefix}features.{index}", out_channels, in_channels, kernel)
+        params[name] = {k: jnp.asarray(v, param_dtype) for k, v in weights.items()}
     reader.ignore(re.escape(prefix) + r"classifier\.\d+\.(weight|bias)")
     return {"params": params}
 

@@ -37,9 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgjax.models.backbones.vit import (cast_params, ignore_blocks, import_dense,
-                                        import_layer_norm, kept_depth, stack_trainable_mask)
-from vgjax.models.convert import StateDictReader, conv_kernel, dense_kernel
+from vgjax.models.backbones.vit import cast_params, ignore_blocks, kept_depth, stack_trainable_mask
+from vgjax.models.convert import StateDictReader, conv, dense, layer_norm
 
 IMAGE_SIZE = 384
 TOKENIZER_CHANNELS = (64, 384)
@@ -159,14 +158,13 @@ def import_torch(reader: StateDictReader, prefix: str, trunc_te: int | None = No
     classifier = f"{prefix}classifier."
     params = {
         "positional_emb": reader.take(f"{classifier}positional_emb", (1, TOKENS, WIDTH)),
-        "attention_pool": import_dense(reader, f"{classifier}attention_pool", WIDTH, 1),
-        "norm": import_layer_norm(reader, f"{classifier}norm", WIDTH),
+        "attention_pool": dense(reader, f"{classifier}attention_pool", WIDTH, 1),
+        "norm": layer_norm(reader, f"{classifier}norm", WIDTH),
     }
     in_channels = 3
     for index, channels in enumerate(TOKENIZER_CHANNELS):
-        weight = reader.take(f"{prefix}tokenizer.conv_layers.{index}.0.weight",
-                             (channels, in_channels, KERNEL, KERNEL))
-        params[f"tokenizer_{index}"] = {"kernel": conv_kernel(weight)}
+        params[f"tokenizer_{index}"] = conv(reader, f"{prefix}tokenizer.conv_layers.{index}.0",
+                                            channels, in_channels, KERNEL, bias=False)
         in_channels = channels
     for index in range(depth):
         params[f"blocks_{index}"] = _import_block(reader, f"{classifier}blocks.{index}.")
@@ -177,13 +175,12 @@ def import_torch(reader: StateDictReader, prefix: str, trunc_te: int | None = No
 
 def _import_block(reader: StateDictReader, block: str) -> dict:
     return {
-        "pre_norm": import_layer_norm(reader, f"{block}pre_norm", WIDTH),
-        "qkv": {"kernel": dense_kernel(reader.take(f"{block}self_attn.qkv.weight",
-                                                   (3 * WIDTH, WIDTH)))},
-        "proj": import_dense(reader, f"{block}self_attn.proj", WIDTH, WIDTH),
-        "linear1": import_dense(reader, f"{block}linear1", WIDTH, MLP_DIM),
-        "norm1": import_layer_norm(reader, f"{block}norm1", WIDTH),
-        "linear2": import_dense(reader, f"{block}linear2", MLP_DIM, WIDTH),
+        "pre_norm": layer_norm(reader, f"{block}pre_norm", WIDTH),
+        "qkv": dense(reader, f"{block}self_attn.qkv", WIDTH, 3 * WIDTH, bias=False),
+        "proj": dense(reader, f"{block}self_attn.proj", WIDTH, WIDTH),
+        "linear1": dense(reader, f"{block}linear1", WIDTH, MLP_DIM),
+        "norm1": layer_norm(reader, f"{block}norm1", WIDTH),
+        "linear2": dense(reader, f"{block}linear2", MLP_DIM, WIDTH),
     }
 
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgjax.models.convert import StateDictReader, conv_kernel
+from vgjax.models.convert import StateDictReader, conv
 
 _BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 # The benchmark freezes `layers[:-5]` (conv1_1 ... pool4); the conv5 block is trained.
@@ -64,11 +64,8 @@ def import_torch(reader: StateDictReader, prefix: str, dtype: Any = jnp.float32,
     fields can be passed as they are; parameters are cast to `param_dtype`."""
     params = {}
     for name, index, in_channels, out_channels, _ in _convs():
-        key = f"{prefix}features.{index}"
-        weight = reader.take(f"{key}.weight", (out_channels, in_channels, 3, 3))
-        bias = reader.take(f"{key}.bias", (out_channels,))
-        params[name] = {"kernel": jnp.asarray(conv_kernel(weight), param_dtype),
-                        "bias": jnp.asarray(bias, param_dtype)}
+        weights = conv(reader, f"{prefix}features.{index}", out_channels, in_channels, 3)
+        params[name] = {k: jnp.asarray(v, param_dtype) for k, v in weights.items()}
     reader.ignore(re.escape(prefix) + r"classifier\.\d+\.(weight|bias)")
     return {"params": params}
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgjax.models.convert import StateDictReader, conv_kernel, dense_kernel
+from vgjax.models.convert import StateDictReader, conv, dense, layer_norm
 
 PATCH = 16
 WIDTH = 768
@@ -66,20 +66,6 @@ def ignore_blocks(reader: StateDictReader, block_prefix: str, first: int, depth:
     """Marks the torch blocks `<block_prefix>{first..depth-1}.*` (cut by trunc_te) as unused."""
     for index in range(first, depth):
         reader.ignore(re.escape(f"{block_prefix}{index}.") + ".*")
-
-
-def import_dense(reader: StateDictReader, name: str, n_in: int, n_out: int,
-                 bias: bool = True) -> dict:
-    """torch Linear '<name>.{weight,bias}' -> flax Dense params (kernel [n_in, n_out], bias)."""
-    params = {"kernel": dense_kernel(reader.take(f"{name}.weight", (n_out, n_in)))}
-    if bias:
-        params["bias"] = reader.take(f"{name}.bias", (n_out,))
-    return params
-
-
-def import_layer_norm(reader: StateDictReader, name: str, n: int) -> dict:
-    """torch LayerNorm '<name>.{weight,bias}' -> flax LayerNorm params {scale, bias}."""
-    return {"scale": reader.take(f"{name}.weight", (n,)), "bias": reader.take(f"{name}.bias", (n,))}
 
 
 def cast_params(params: dict, param_dtype: Any) -> dict:
@@ -201,13 +187,11 @@ def import_torch(reader: StateDictReader, prefix: str, image_size: int = 224,
     depth = kept_depth(trunc_te, DEPTH)
     projection = f"{prefix}embeddings.patch_embeddings.projection"
     params = {
-        "patch_embeddings": {
-            "kernel": conv_kernel(reader.take(f"{projection}.weight", (WIDTH, 3, PATCH, PATCH))),
-            "bias": reader.take(f"{projection}.bias", (WIDTH,))},
+        "patch_embeddings": conv(reader, projection, WIDTH, 3, PATCH),
         "cls_token": reader.take(f"{prefix}embeddings.cls_token", (1, 1, WIDTH)),
         "position_embeddings": reader.take(f"{prefix}embeddings.position_embeddings",
                                            (1, num_tokens(image_size) + 1, WIDTH)),
-        "layernorm": import_layer_norm(reader, f"{prefix}layernorm", WIDTH),
+        "layernorm": layer_norm(reader, f"{prefix}layernorm", WIDTH),
     }
     for index in range(depth):
         params[f"layer_{index}"] = _import_layer(reader, f"{prefix}encoder.layer.{index}.")
@@ -218,14 +202,14 @@ def import_torch(reader: StateDictReader, prefix: str, image_size: int = 224,
 
 def _import_layer(reader: StateDictReader, layer: str) -> dict:
     attention = f"{layer}attention.attention."
-    params = {name: import_dense(reader, f"{attention}{name}", WIDTH, WIDTH)
+    params = {name: dense(reader, f"{attention}{name}", WIDTH, WIDTH)
               for name in ("query", "key", "value")}
     params.update(
-        layernorm_before=import_layer_norm(reader, f"{layer}layernorm_before", WIDTH),
-        attention_output=import_dense(reader, f"{layer}attention.output.dense", WIDTH, WIDTH),
-        layernorm_after=import_layer_norm(reader, f"{layer}layernorm_after", WIDTH),
-        intermediate=import_dense(reader, f"{layer}intermediate.dense", WIDTH, MLP_DIM),
-        output=import_dense(reader, f"{layer}output.dense", MLP_DIM, WIDTH),
+        layernorm_before=layer_norm(reader, f"{layer}layernorm_before", WIDTH),
+        attention_output=dense(reader, f"{layer}attention.output.dense", WIDTH, WIDTH),
+        layernorm_after=layer_norm(reader, f"{layer}layernorm_after", WIDTH),
+        intermediate=dense(reader, f"{layer}intermediate.dense", WIDTH, MLP_DIM),
+        output=dense(reader, f"{layer}output.dense", MLP_DIM, WIDTH),
     )
     return params
 
