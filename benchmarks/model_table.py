@@ -2,6 +2,7 @@
 
   python benchmarks/model_table.py            # 480x640 (ViT 224, CCT 384), batch 8
   python benchmarks/model_table.py --quick    # 120x160, batch 2, fewer networks: ~1 minute
+  python benchmarks/model_table.py --only resnet18conv4:gem,vit:cls
 
 Prints a table and writes benchmarks/results/model_table.json. Weights are random (speed and
 FLOPs do not depend on them).
@@ -35,12 +36,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small images, a few networks")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--only", default="", help="comma-separated backbone:aggregation pairs")
     parser.add_argument("--out", default="benchmarks/results/model_table.json")
     args = parser.parse_args()
+    only = {tuple(pair.split(":")) for pair in args.only.split(",") if pair}
     size = (120, 160) if args.quick else (480, 640)
     batch = args.batch_size or (2 if args.quick else 8)
     profiles = []
     for backbone, aggregation in QUICK if args.quick else NETWORKS:
+        if only and (backbone, aggregation) not in only:
+            continue
         config = common.get_config().model
         config.backbone, config.aggregation, config.dtype = backbone, aggregation, args.dtype
         shape = size if args.quick else image_size(backbone, size)
