@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
         lr_crn_layer=5e-3,
         lr_crn_net=5e-4,
         optim="adam",
+        checkpoint_every_steps=0,  # also checkpoint inside a mining round every N steps (0: rounds only)
+        distributed=False,  # multi-host: jax.distributed.initialize() from the environment
         brightness=0.0,
         contrast=0.0,
         saturation=0.0,

@@ -3,6 +3,8 @@
 Modes:
   eval: evaluate a model on `config.eval.split` with `config.eval.test_method` (or "all" of the
     benchmark's test methods), write results.json (and descriptors on request) to the workdir.
+  train: triplet training with mining, validation each epoch, early stopping and exact resume
+    from the workdir's checkpoints; then the best network is tested (vgjax.train).
   profile: parameters, size, FLOPs, descriptor dim and extraction speed of the configured
     network at config.data.resize (the paper's Table 3 columns), printed and in profile.json.
 """
@@ -16,18 +18,16 @@ import shutil
 from pathlib import Path
 
 import ml_collections
-from absl import logging
 
-from vgjax import baselines, profiling
+from vgjax import baselines, profiling, sharding, train
 from vgjax import evaluate as evaluate_lib
 from vgjax.data import synthetic
 from vgjax.data.vg_folder import load_split
 from vgjax.models import geoloc_net, pretrained
 
-MODES = ("eval", "profile")
+MODES = ("train", "eval", "profile")
 BASELINES = ("tiny_image",)
 SYNTHETIC_DATASETS = ("aerial",)
-RESUME_FORMATS = ("benchmark", "cosplace")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str | None = None) -> dict:
@@ -38,7 +38,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    return {"eval": run_eval, "profile": run_profile}[mode](config, workdir)
+    if config.train.distributed:
+        sharding.initialize_distributed()
+    return {"train": run_train, "eval": run_eval, "profile": run_profile}[mode](config, workdir)
 
 
 def datasets_root(data_config: ml_collections.ConfigDict) -> Path:
@@ -50,8 +52,9 @@ def datasets_root(data_config: ml_collections.ConfigDict) -> Path:
     return Path(root)
 
 
-def prepare_dataset(config: ml_collections.ConfigDict) -> Path:
-    """The dataset folder; a configured synthetic dataset is rendered there first if missing.
+def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> Path:
+    """The dataset folder; a configured synthetic dataset is rendered there (with `splits`)
+    first if missing.
 
     Rendering goes to a `.partial` folder that is renamed when complete, so an interrupted
     build is never mistaken for a dataset.
@@ -64,36 +67,17 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> Path:
         raise ValueError(f"unknown config.data.synthetic {kind!r}; available: {SYNTHETIC_DATASETS}")
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    synthetic.build_aerial_dataset(partial, seed=config.seed, splits=(config.eval.split,),
+    synthetic.build_aerial_dataset(partial, seed=config.seed, splits=splits,
                                    image_size=tuple(config.data.resize))
     partial.rename(path)
     return path
-
-
-def load_variables(model_config: ml_collections.ConfigDict, image_size: tuple[int, int], seed: int = 0):
-    """(network, variables): random init, overwritten by model.resume (a whole network) or else
-    by model.pretrain (the backbone only)."""
-    model = geoloc_net.build(model_config, image_size)
-    variables = geoloc_net.init_variables(model, image_size, seed)
-    if model_config.resume:
-        if model_config.resume_format not in RESUME_FORMATS:
-            raise ValueError(f"unknown model.resume_format {model_config.resume_format!r}; "
-                             f"choose one of {RESUME_FORMATS}")
-        loader = {"benchmark": pretrained.load_benchmark_checkpoint,
-                  "cosplace": pretrained.load_cosplace_checkpoint}[model_config.resume_format]
-        return model, pretrained.merge_variables(variables, loader(model_config.resume, model_config, image_size))
-    backbone = pretrained.load_pretrained_backbone(model_config, image_size)
-    if backbone is None:
-        logging.warning("model.pretrain=none and no model.resume: the network has RANDOM weights")
-        return model, variables
-    return model, pretrained.merge_variables(variables, backbone)
 
 
 def build_embed_fn(config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
     """An embed function (uint8 [B, H, W, 3] -> [B, D]) for config.model at config.data.resize."""
     if config.model.backbone in BASELINES:
         return baselines.tiny_image_embed()
-    model, variables = load_variables(config.model, tuple(config.data.resize), config.seed)
+    model, variables = pretrained.build_and_load(config.model, tuple(config.data.resize), config.seed)
     return geoloc_net.make_embed_fn(model, variables)
 
 
@@ -143,7 +127,7 @@ def _results_table(results: dict[str, dict]) -> str:
 
 def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Evaluates the configured model on config.eval.split; writes workdir/results.json."""
-    split = load_split(prepare_dataset(config), config.eval.split,
+    split = load_split(prepare_dataset(config, (config.eval.split,)), config.eval.split,
                        config.data.val_positive_dist_threshold)
     print(split)
     embed_fn = build_embed_fn(config)
@@ -188,3 +172,12 @@ def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     summary = dataclasses.asdict(profile)
     _write_json(workdir / "profile.json", summary)
     return summary
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Trains config.model on the dataset's train/val splits, tests the best; results.json."""
+    results = train.train_and_evaluate(config, workdir, prepare_dataset(config, ("train", "val", "test")))
+    _write_json(workdir / "results.json", results)
+    print(f"Wrote {workdir / 'results.json'}")
+    return results
+

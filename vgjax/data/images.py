@@ -62,6 +62,14 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return _round_to_uint8(x)
 
 
+def resize_pil_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resizes uint8 [H, W, C] with PIL's bilinear filter (antialiased when shrinking), as the
+    benchmark's *training* transform (torchvision Resize on PIL images) does."""
+    if image.shape[:2] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
 def shorter_side_size(height: int, width: int, shorter: int) -> tuple[int, int]:
     """Output size of torchvision's `resize(img, int)`: shorter side -> `shorter`, aspect kept."""
     if height <= width:

@@ -3,11 +3,16 @@
 Inference: images in a fixed order, decoded and transformed on host threads, batched to a
 fixed batch size (the last batch is padded with zeros and carries its number of valid rows), so
 a jit-compiled embed function sees one shape for a whole split.
+
+Triplets: the images of query tuples (query, positive, negatives), tuple-major, resized to the
+training size on host and shipped as uint8; augmentation and normalization run on device.
+Batches are a pure function of (tuples, batch index), so training resumes at any batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import grain
@@ -67,3 +72,44 @@ def inference_batches(paths: Sequence[str], transform: ImageTransform, batch_siz
     for batch in dataset:
         yield InferenceBatch(images=_pad_to(batch, batch_size), num_valid=len(batch), start=start)
         start += len(batch)
+
+
+def _resize_for_training(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return image_ops.resize_pil_bilinear(image, size)
+
+
+def triplet_batches(tuples: Sequence[Sequence[str]], tuples_per_batch: int, image_size: tuple[int, int],
+                    *, start_batch: int = 0, process_index: int = 0, process_count: int = 1,
+                    num_threads: int = 2, prefetch: int = 2) -> Iterator[np.ndarray]:
+    """Yields uint8 [tuples_per_batch / process_count * T, H, W, 3] batches of query tuples.
+
+    Args:
+      tuples: per tuple, its T image paths [query, positive, negatives...].
+      tuples_per_batch: tuples in a global batch; an incomplete last batch is dropped (as the
+        benchmark's drop_last).
+      image_size: (H, W) every image is resized to (PIL bilinear, as the benchmark's training).
+      start_batch: the first batch to yield (to resume inside a round).
+      process_index, process_count: multi-host; each process loads its contiguous share of
+        every global batch, so the global batch is the same as on one host.
+    """
+    if tuples_per_batch % process_count:
+        raise ValueError(f"train_batch_size {tuples_per_batch} is not divisible by the "
+                         f"{process_count} processes")
+    local = tuples_per_batch // process_count
+    num_batches = len(tuples) // tuples_per_batch
+    paths = [path
+             for batch in range(start_batch, num_batches)
+             for tuple_paths in tuples[batch * tuples_per_batch + process_index * local:][:local]
+             for path in tuple_paths]
+    if not paths:
+        return
+    tuple_size = len(tuples[0])
+    dataset = (
+        grain.MapDataset.source(paths)
+        .map(_DecodeAndTransform(functools.partial(_resize_for_training, size=tuple(image_size))))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                           prefetch_buffer_size=prefetch * local * tuple_size))
+        .batch(local * tuple_size, drop_remainder=True)
+    )
+    yield from dataset
+

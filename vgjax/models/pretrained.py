@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
 from vgjax.models import aggregators, geoloc_net
@@ -374,3 +375,25 @@ def load_pretrained_backbone(model_config, image_size) -> dict | None:
         return None
     loader = {"vit": load_vit_hf, "cct384": load_cct}.get(model_config.backbone, load_torchvision_backbone)
     return loader(path, model_config, image_size)
+
+
+RESUME_FORMATS = ("benchmark", "cosplace")
+
+
+def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[int, int], seed: int = 0):
+    """(network, variables): random init, overwritten by model.resume (a whole network) or else
+    by model.pretrain (the backbone only)."""
+    model = geoloc_net.build(model_config, image_size)
+    variables = geoloc_net.init_variables(model, image_size, seed)
+    if model_config.resume:
+        if model_config.resume_format not in RESUME_FORMATS:
+            raise ValueError(f"unknown model.resume_format {model_config.resume_format!r}; "
+                             f"choose one of {RESUME_FORMATS}")
+        loader = {"benchmark": load_benchmark_checkpoint,
+                  "cosplace": load_cosplace_checkpoint}[model_config.resume_format]
+        return model, merge_variables(variables, loader(model_config.resume, model_config, image_size))
+    backbone = load_pretrained_backbone(model_config, image_size)
+    if backbone is None:
+        logging.warning("model.pretrain=none and no model.resume: the network has RANDOM weights")
+        return model, variables
+    return model, merge_variables(variables, backbone)

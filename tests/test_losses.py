@@ -1,0 +1,187 @@
+"""Triplet-training losses against torch, a numpy transcription and hand values."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from vgjax import losses
+
+B, N, D = 3, 4, 8
+
+
+def _descriptors(seed=0, scale=1.0, b=B, n=N, d=D):
+    return (np.random.default_rng(seed).normal(size=(b * (2 + n), d)) * scale).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# References: torch as the benchmark calls it, and numpy.
+
+
+def _torch_loss(name, descriptors, n, margin):
+    """The benchmark's loop: triplets (q, p, n_k) over the N negative slots, summed, / (B·N)."""
+    x = torch.from_numpy(descriptors).double().reshape(-1, 2 + n, descriptors.shape[1])
+    query, positive, negatives = x[:, 0], x[:, 1], x[:, 2:]
+    b = x.shape[0]
+    total = torch.zeros((), dtype=torch.float64)
+    if name == "triplet":
+        criterion = torch.nn.TripletMarginLoss(margin=margin, p=2, reduction="sum")
+        for k in range(n):
+            total = total + criterion(query, positive, negatives[:, k])
+    elif name == "sare_ind":
+        for t in range(b):
+            for k in range(n):
+                dp = ((query[t] - positive[t]) ** 2).sum()
+                dn = ((query[t] - negatives[t, k]) ** 2).sum()
+                total = total - torch.log_softmax(torch.stack([-dp, -dn]), dim=0)[0]
+    else:
+        for t in range(b):
+            dp = ((query[t] - positive[t]) ** 2).sum()
+            dn = ((query[t] - negatives[t]) ** 2).sum(dim=1)
+            total = total - torch.log_softmax(torch.cat([-dp[None], -dn]), dim=0)[0]
+    return float(total / (b * n))
+
+
+def _numpy_loss(name, descriptors, n, margin):
+    x = descriptors.astype(np.float64).reshape(-1, 2 + n, descriptors.shape[1])
+    q, p, negs = x[:, :1], x[:, 1:2], x[:, 2:]
+    if name == "triplet":
+        dp = np.linalg.norm(q - p + 1e-6, axis=-1)
+        dn = np.linalg.norm(q - negs + 1e-6, axis=-1)
+        return np.maximum(dp - dn + margin, 0).sum() / dn.size
+    dp = ((q - p) ** 2).sum(-1)
+    dn = ((q - negs) ** 2).sum(-1)
+    if name == "sare_ind":
+        return np.log1p(np.exp(dp - dn)).sum() / dn.size
+    return (np.log(np.exp(-dp) + np.exp(-dn).sum(1, keepdims=True)) + dp).sum() / dn.size
+
+
+# ---------------------------------------------------------------------------------------------
+# Values.
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+@pytest.mark.parametrize("margin", [0.1, 2.0])
+def test_matches_torch_and_numpy(name, margin):
+    x = _descriptors(seed=1)
+    value = losses.LOSSES[name](jnp.asarray(x), negs_per_query=N, margin=margin)
+    assert value.dtype == jnp.float32 and value.shape == ()
+    np.testing.assert_allclose(value, _torch_loss(name, x, N, margin), rtol=2e-6)
+    np.testing.assert_allclose(value, _numpy_loss(name, x, N, margin), rtol=2e-6)
+
+
+def test_triplet_margin_matters_and_sare_ignores_it():
+    x = jnp.asarray(_descriptors(seed=2))
+    triplet = [losses.triplet_loss(x, negs_per_query=N, margin=m) for m in (0.1, 5.0)]
+    assert triplet[1] > triplet[0] + 1.0
+    for name in ("sare_ind", "sare_joint"):
+        values = [losses.LOSSES[name](x, negs_per_query=N, margin=m) for m in (0.1, 5.0)]
+        assert values[0] == values[1]
+
+
+def _tiny_batch():
+    """One tuple in 2-D: q at the origin, p at distance 1, negatives at distances 2 and 3."""
+    return jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+
+
+def test_hand_values_tiny_case():
+    x = _tiny_batch()
+    eps = 1e-6
+    dp = math.hypot(-1 + eps, eps)
+    dn = [math.hypot(eps, -2 + eps), math.hypot(-3 + eps, eps)]
+    assert float(losses.triplet_loss(x, negs_per_query=2, margin=0.1)) == 0.0
+    expected = (max(dp - dn[0] + 1.5, 0) + max(dp - dn[1] + 1.5, 0)) / 2  # 0.5 + 0 over 2
+    np.testing.assert_allclose(losses.triplet_loss(x, negs_per_query=2, margin=1.5), expected,
+                               rtol=1e-6)
+    np.testing.assert_allclose(expected, 0.25, atol=2e-6)
+    # sare_ind: dp = 1, dn = 4 and 9 (squared).
+    expected_ind = (math.log1p(math.exp(1 - 4)) + math.log1p(math.exp(1 - 9))) / 2
+    np.testing.assert_allclose(losses.sare_ind_loss(x, negs_per_query=2), expected_ind, rtol=3e-6)
+    # sare_joint: -log(e^-1 / (e^-1 + e^-4 + e^-9)) = log(1 + e^-3 + e^-8), over B·N = 2.
+    expected_joint = math.log(1 + math.exp(-3) + math.exp(-8)) / 2
+    np.testing.assert_allclose(losses.sare_joint_loss(x, negs_per_query=2), expected_joint,
+                               rtol=3e-6)
+
+
+def test_tuple_major_layout():
+    """Swapping the roles of positive and a negative inside a tuple changes the loss."""
+    x = _tiny_batch()
+    swapped = x[jnp.array([0, 2, 1, 3])]
+    for name, loss in losses.LOSSES.items():
+        kwargs = dict(negs_per_query=2, margin=1.5)
+        assert loss(swapped, **kwargs) > loss(x, **kwargs), name
+
+
+@pytest.mark.parametrize("name", ["sare_ind", "sare_joint"])
+def test_sare_is_stable_for_large_distances(name):
+    """Squared distances in the thousands would overflow/underflow a naive exp/log."""
+    x = _descriptors(seed=3, scale=30.0)
+    value = losses.LOSSES[name](jnp.asarray(x), negs_per_query=N)
+    assert np.isfinite(float(value))
+    np.testing.assert_allclose(value, _torch_loss(name, x, N, 0.1), rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_bfloat16_inputs_give_a_float32_loss(name):
+    x = _descriptors(seed=4)
+    as_bf16 = jnp.asarray(x, dtype=jnp.bfloat16)
+    value = losses.LOSSES[name](as_bf16, negs_per_query=N, margin=0.5)
+    assert value.dtype == jnp.float32
+    rounded = np.asarray(as_bf16.astype(jnp.float32))
+    np.testing.assert_allclose(value, _numpy_loss(name, rounded, N, 0.5), rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_jit_and_gradients_are_finite_and_match_torch(name):
+    x = _descriptors(seed=5, scale=3.0)
+    loss = functools.partial(losses.LOSSES[name], negs_per_query=N, margin=0.5)
+    value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(x))
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+    x_torch = torch.from_numpy(x).double().requires_grad_()
+    reference = _torch_value(name, x_torch, N, 0.5)
+    reference.backward()
+    np.testing.assert_allclose(value, reference.item(), rtol=2e-6)
+    np.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _torch_value(name, x, n, margin):
+    """Differentiable version of `_torch_loss` (vectorized; same formulas)."""
+    t = x.reshape(-1, 2 + n, x.shape[1])
+    query, positive, negatives = t[:, 0], t[:, 1], t[:, 2:]
+    if name == "triplet":
+        criterion = torch.nn.TripletMarginLoss(margin=margin, p=2, reduction="sum")
+        total = sum(criterion(query, positive, negatives[:, k]) for k in range(n))
+    else:
+        dp = ((query - positive) ** 2).sum(-1)
+        dn = ((query[:, None] - negatives) ** 2).sum(-1)
+        if name == "sare_ind":
+            pairs = torch.stack([-dp[:, None].expand_as(dn), -dn], dim=-1)
+            total = -torch.log_softmax(pairs, dim=-1)[..., 0].sum()
+        else:
+            total = -torch.log_softmax(torch.cat([-dp[:, None], -dn], dim=1), dim=1)[:, 0].sum()
+    return total / (t.shape[0] * n)
+
+
+def test_sare_joint_any_number_of_negatives():
+    for n in (1, 3, 10, 13):
+        x = _descriptors(seed=6 + n, b=2, n=n)
+        np.testing.assert_allclose(losses.sare_joint_loss(jnp.asarray(x), negs_per_query=n),
+                                   _torch_loss("sare_joint", x, n, 0.1), rtol=2e-6)
+
+
+def test_sare_joint_with_one_negative_equals_sare_ind():
+    x = jnp.asarray(_descriptors(seed=7, n=1))
+    np.testing.assert_allclose(losses.sare_joint_loss(x, negs_per_query=1),
+                               losses.sare_ind_loss(x, negs_per_query=1), rtol=1e-6)
+
+
+def test_bad_shapes_raise():
+    x = jnp.zeros((11, 4))
+    with pytest.raises(ValueError, match="not a multiple of 2 \\+ negs_per_query = 12"):
+        losses.triplet_loss(x, negs_per_query=10)
+    with pytest.raises(ValueError, match="negs_per_query must be >= 1"):
+        losses.sare_ind_loss(jnp.zeros((4, 4)), negs_per_query=0)

@@ -1,0 +1,117 @@
+"""Triplet-training losses of the benchmark (reference.md §3.3, §9.12): pure, jit-able functions.
+
+Every loss takes the descriptors of a batch of B tuples laid out tuple-major, as the benchmark's
+batch is: rows `t * (2 + N) + [0, 1, 2 .. N + 1]` are tuple t's query, positive and N negatives.
+Each returns a float32 scalar normalized by B·N, the number of triplets (the benchmark divides
+every criterion by `train_batch_size · negs_num_per_query`).
+
+- `triplet_loss`: mean over the B·N triplets of `max(d(q, p) - d(q, n) + margin, 0)` with the
+  non-squared `d(a, b) = ||a - b + 1e-6||_2` of torch's `pairwise_distance`.
+- `sare_ind_loss`: per triplet `softplus(||q - p||^2 - ||q - n||^2)` (squared distances).
+- `sare_joint_loss`: per query `-log(e^{-dp} / (e^{-dp} + sum_j e^{-dn_j}))` over its N
+  negatives, summed over queries and divided by B·N.
+
+`LOSSES` maps the benchmark's `--criterion` names to them; all share the signature
+`loss(descriptors, *, negs_per_query, margin)` (SARE ignores margin). `negs_per_query` fixes a
+shape, so it must be static under `jax.jit`. Descriptors of any float dtype are promoted to
+float32, so the loss of a bfloat16 model is computed in float32.
+
+Deliberate difference from the PyTorch benchmark: sare_joint works with any N (the original's
+`view(B, 10, 3)` hard-codes 10 negatives).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PAIRWISE_DISTANCE_EPS = 1e-6
+
+
+def _split_tuples(descriptors: jax.Array, negs_per_query: int):
+    """[B·(2+N), D] -> float32 query [B, D], positive [B, D], negatives [B, N, D]."""
+    if negs_per_query < 1:
+        raise ValueError(f"negs_per_query must be >= 1, got {negs_per_query}")
+    rows, dim = descriptors.shape
+    tuple_size = 2 + negs_per_query
+    if rows % tuple_size:
+        raise ValueError(f"descriptors have {rows} rows, not a multiple of 2 + negs_per_query = "
+                         f"{tuple_size} (one query, one positive, {negs_per_query} negatives)")
+    tuples = descriptors.astype(jnp.float32).reshape(rows // tuple_size, tuple_size, dim)
+    return tuples[:, 0], tuples[:, 1], tuples[:, 2:]
+
+
+def _squared_distances(descriptors: jax.Array, negs_per_query: int):
+    """Squared L2 query-positive [B] and query-negative [B, N] distances."""
+    query, positive, negatives = _split_tuples(descriptors, negs_per_query)
+    positive_d = jnp.sum(jnp.square(query - positive), axis=-1)
+    negative_d = jnp.sum(jnp.square(query[:, None] - negatives), axis=-1)
+    return positive_d, negative_d
+
+
+def triplet_loss(descriptors: jax.Array, *, negs_per_query: int, margin: float = 0.1) -> jax.Array:
+    """Triplet margin loss, averaged over the B·N triplets.
+
+    Equals torch `TripletMarginLoss(margin, p=2, reduction="sum")` applied to each of the N
+    negative slots, summed, then divided by B·N, as the benchmark computes it.
+
+    Args:
+      descriptors: float [B·(2+N), D], tuple-major [query, positive, negative_1..N] rows.
+      negs_per_query: N (static).
+      margin: the triplet margin.
+
+    Returns:
+      float32 scalar.
+    """
+    query, positive, negatives = _split_tuples(descriptors, negs_per_query)
+    positive_d = jnp.linalg.norm(query - positive + PAIRWISE_DISTANCE_EPS, axis=-1)
+    negative_d = jnp.linalg.norm(query[:, None] - negatives + PAIRWISE_DISTANCE_EPS, axis=-1)
+    hinge = jnp.maximum(positive_d[:, None] - negative_d + margin, 0.0)
+    return jnp.sum(hinge) / hinge.size
+
+
+def sare_ind_loss(descriptors: jax.Array, *, negs_per_query: int, margin: float = 0.1) -> jax.Array:
+    """SARE, independent triplets: mean over the B·N triplets of softplus(dp - dn).
+
+    softplus(dp - dn) = -log_softmax([-dp, -dn])[0] with squared L2 distances dp = ||q - p||^2
+    and dn = ||q - n||^2. `margin` is accepted for a uniform signature and ignored.
+
+    Args:
+      descriptors: float [B·(2+N), D], tuple-major rows.
+      negs_per_query: N (static).
+
+    Returns:
+      float32 scalar.
+    """
+    del margin
+    positive_d, negative_d = _squared_distances(descriptors, negs_per_query)
+    losses = jax.nn.softplus(positive_d[:, None] - negative_d)
+    return jnp.sum(losses) / losses.size
+
+
+def sare_joint_loss(descriptors: jax.Array, *, negs_per_query: int,
+                    margin: float = 0.1) -> jax.Array:
+    """SARE, joint: per query -log(e^{-dp} / (e^{-dp} + sum_j e^{-dn_j})), summed, / (B·N).
+
+    Computed as dp + logsumexp([-dp, -dn_1, ..., -dn_N]) (squared L2 distances), which stays
+    finite for any distance. `margin` is accepted for a uniform signature and ignored.
+
+    Args:
+      descriptors: float [B·(2+N), D], tuple-major rows.
+      negs_per_query: N (static).
+
+    Returns:
+      float32 scalar.
+    """
+    del margin
+    positive_d, negative_d = _squared_distances(descriptors, negs_per_query)
+    logits = jnp.concatenate([-positive_d[:, None], -negative_d], axis=1)
+    losses = positive_d + jax.nn.logsumexp(logits, axis=1)
+    return jnp.sum(losses) / negative_d.size
+
+
+LOSSES = {
+    "triplet": triplet_loss,
+    "sare_ind": sare_ind_loss,
+    "sare_joint": sare_joint_loss,
+}
