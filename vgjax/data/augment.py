@@ -19,6 +19,10 @@ benchmark runs. Deliberate differences from the benchmark (which works on uint8 
   near-full crop such as 480x639, which it stretches back by up to one pixel (under 1% of
   queries at 480x640).
 
+dm-pix supplies the grey image, the hue shift and the flip. Its brightness (additive), contrast
+(per-channel means), saturation (scales HSV saturation) and rotate (see `rotate`) differ from
+torchvision or are slower, so those are written here.
+
 An option of 0 turns its op off: nothing is drawn and nothing is computed, so a disabled op
 costs nothing under jit. Each op has its own sub-key, so enabling one op does not change the
 parameters another one draws.
@@ -55,9 +59,9 @@ class AugmentConfig:
     horizontal_flip: bool = False
 
     def __post_init__(self):
-        ranges = dict(brightness=(0, math.inf), contrast=(0, math.inf),
-                      saturation=(0, math.inf), hue=(0, 0.5), rand_perspective=(0, 1),
-                      random_resized_crop=(0, 1), random_rotation=(0, math.inf))
+        ranges = {"brightness": (0, math.inf), "contrast": (0, math.inf),
+                  "saturation": (0, math.inf), "hue": (0, 0.5), "rand_perspective": (0, 1),
+                  "random_resized_crop": (0, 1), "random_rotation": (0, math.inf)}
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
             if not low <= value <= high:
@@ -89,12 +93,8 @@ def _crop_enabled(config: AugmentConfig, height: int, width: int) -> bool:
 # Colour: torchvision's float-tensor formulas.
 
 
-def _per_image(factors: jax.Array) -> jax.Array:
-    return jnp.asarray(factors, jnp.float32)[:, None, None, None]
-
-
 def _blend(images: jax.Array, other: jax.Array, factors: jax.Array) -> jax.Array:
-    factors = _per_image(factors)
+    factors = jnp.asarray(factors, jnp.float32)[:, None, None, None]
     return jnp.clip(factors * images + (1.0 - factors) * other, 0.0, 1.0)
 
 
@@ -214,16 +214,23 @@ def resized_crop(images: jax.Array, top: jax.Array, left: jax.Array, height: jax
     asint = functools.partial(jnp.asarray, dtype=jnp.int32)
     r0, r1, wr = _resize_taps(asint(top), asint(height), out_h)
     c0, c1, wc = _resize_taps(asint(left), asint(width), out_w)
-    rows = lambda index: jnp.take_along_axis(images, index[:, :, None, None], axis=1)
-    x = (1 - wr)[:, :, None, None] * rows(r0) + wr[:, :, None, None] * rows(r1)
-    cols = lambda index: jnp.take_along_axis(x, index[:, None, :, None], axis=2)
-    return (1 - wc)[:, None, :, None] * cols(c0) + wc[:, None, :, None] * cols(c1)
+    wr, wc = wr[:, :, None, None], wc[:, None, :, None]
+    x = (1 - wr) * _take(images, r0, axis=1) + wr * _take(images, r1, axis=1)
+    return (1 - wc) * _take(x, c0, axis=2) + wc * _take(x, c1, axis=2)
+
+
+def _take(images: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """Per-image rows (axis 1) or columns (axis 2) of [B, H, W, C]; index int [B, n]."""
+    shape = [index.shape[0], 1, 1, 1]
+    shape[axis] = index.shape[1]
+    return jnp.take_along_axis(images, index.reshape(shape), axis=axis)
 
 
 def rotate(images: jax.Array, angles: jax.Array) -> jax.Array:
     """Counter-clockwise rotation by angles [B] (degrees) about the image centre, nearest
     interpolation, fill 0: torchvision's `rotate(img, angle, NEAREST)` on tensors, including
-    its round-half-to-even choice of the nearest pixel.
+    its round-half-to-even choice of the nearest pixel. Exact half-pixel ties (90 degrees when
+    H and W have different parities) are broken by float noise, differently on each side.
 
     Not dm-pix's `rotate`: it interpolates the image as a 3-D volume (one gather per channel
     value, with 3-D coordinates) and rounds halves away from zero; this is 4x faster on CPU.
@@ -243,10 +250,16 @@ def rotate(images: jax.Array, angles: jax.Array) -> jax.Array:
 # Parameter draws: torchvision's algorithms, one independent draw per image.
 
 
-def sample_factors(key: jax.Array, batch: int, strength: float, center: float) -> jax.Array:
-    """ColorJitter's factor: U[max(0, center - strength), center + strength], float32 [B]."""
-    return jax.random.uniform(key, (batch,), minval=max(0.0, center - strength),
-                              maxval=center + strength)
+def jitter_range(option: str, strength: float) -> tuple[float, float]:
+    """ColorJitter's factor range for one option: [max(0, 1 - s), 1 + s], hue [-s, s]."""
+    if option == "hue":
+        return -strength, strength
+    return max(0.0, 1.0 - strength), 1.0 + strength
+
+
+def sample_factors(key: jax.Array, batch: int, low: float, high: float) -> jax.Array:
+    """ColorJitter's factor draw: U[low, high), float32 [B]."""
+    return jax.random.uniform(key, (batch,), minval=low, maxval=high)
 
 
 def sample_perspective(key: jax.Array, batch: int, height: int, width: int,
@@ -273,9 +286,9 @@ def _crop_fallback(height: int, width: int) -> tuple[int, int, int, int]:
     """RandomResizedCrop's central fallback (top, left, height, width): the ratio is clamped."""
     in_ratio = width / height
     if in_ratio < RATIO[0]:
-        h, w = int(round(width / RATIO[0])), width
+        h, w = round(width / RATIO[0]), width
     elif in_ratio > RATIO[1]:
-        h, w = height, int(round(height * RATIO[1]))
+        h, w = height, round(height * RATIO[1])
     else:
         h, w = height, width
     return (height - h) // 2, (width - w) // 2, h, w
@@ -321,12 +334,10 @@ def sample_query_params(key: jax.Array, batch: int, height: int, width: int,
     """Per-image parameters of every enabled op (the keys of `_OPS` that are on)."""
     keys = dict(zip(_OPS, jax.random.split(key, len(_OPS))))
     params = {}
-    for op, strength, center in (("brightness", config.brightness, 1.0),
-                                 ("contrast", config.contrast, 1.0),
-                                 ("saturation", config.saturation, 1.0),
-                                 ("hue", config.hue, 0.0)):
+    for op in ("brightness", "contrast", "saturation", "hue"):
+        strength = getattr(config, op)
         if strength > 0:
-            params[op] = (sample_factors(keys[op], batch, strength, center),)
+            params[op] = (sample_factors(keys[op], batch, *jitter_range(op, strength)),)
     if config.rand_perspective > 0:
         params["perspective"] = sample_perspective(keys["perspective"], batch, height, width,
                                                    config.rand_perspective)
@@ -343,9 +354,9 @@ def _apply_perspective(images, startpoints, endpoints, apply):
     return jnp.where(apply[:, None, None, None], warped, images)
 
 
-_APPLY = dict(brightness=adjust_brightness, contrast=adjust_contrast,
-              saturation=adjust_saturation, hue=adjust_hue, perspective=_apply_perspective,
-              crop=resized_crop, rotation=rotate)
+_APPLY = {"brightness": adjust_brightness, "contrast": adjust_contrast,
+          "saturation": adjust_saturation, "hue": adjust_hue, "perspective": _apply_perspective,
+          "crop": resized_crop, "rotation": rotate}
 
 
 def apply_query_params(images: jax.Array, params: dict[str, tuple[jax.Array, ...]]) -> jax.Array:
