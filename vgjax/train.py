@@ -17,7 +17,6 @@ Deliberate difference: the benchmark re-runs the whole saved epoch on resume.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -27,9 +26,10 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from vgjax import checkpoint, evaluate, mining, sharding, train_step
+from vgjax import checkpoint, evaluate, mining, profiling, sharding, train_step
 from vgjax.data import augment, pipeline
 from vgjax.data.vg_folder import Split, load_split
+from vgjax.metrics import MetricWriter
 from vgjax.models import geoloc_net, pretrained
 
 
@@ -44,6 +44,7 @@ class Progress:
     not_improved: int = 0
     rng_state: dict | None = None  # numpy RNG (mining draws), as bit_generator.state
     history: list = dataclasses.field(default_factory=list)
+    train_images_per_second: list = dataclasses.field(default_factory=list)  # one per round
 
 
 @dataclasses.dataclass
@@ -83,6 +84,7 @@ class _Run:
             augment=augment.AugmentConfig.from_config(config.train)))
         self._embed = jax.jit(lambda v, x: self.model.apply(v, geoloc_net.normalize_images(x)))
         self.checkpoints = checkpoint.Checkpoints(workdir / "checkpoints")
+        self.metrics = MetricWriter(workdir)
 
     def _initialize_netvlad(self, variables):
         paths = self.train_split.database_paths + self.train_split.query_paths
@@ -146,11 +148,6 @@ def _restore(run: _Run, data: RoundData, which: str = "last") -> Progress | None
     return Progress(**meta)
 
 
-def _log(workdir: Path, record: dict) -> None:
-    with open(workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _train_round(run: _Run, progress: Progress, data: RoundData, rng: np.random.Generator) -> None:
     """Trains on the round's tuples from progress.batch on, checkpointing as configured."""
     config = run.config
@@ -161,7 +158,7 @@ def _train_round(run: _Run, progress: Progress, data: RoundData, rng: np.random.
         _tuple_paths(run.train_split, data.tuples), per_batch, run.image_size,
         start_batch=progress.batch, process_index=jax.process_index(),
         process_count=jax.process_count(), num_threads=config.data.num_workers)
-    losses, tick = [], time.perf_counter()
+    losses, first_done = [], None
     bar = tqdm(total=num_batches, initial=progress.batch, unit="batch",
                desc=f"epoch {progress.epoch} loop {progress.loop}")
     for images in batches:
@@ -172,6 +169,7 @@ def _train_round(run: _Run, progress: Progress, data: RoundData, rng: np.random.
                 f"non-finite loss {loss} at step {int(run.state.step)} (epoch {progress.epoch}, loop "
                 f"{progress.loop}); the last good checkpoint in {run.workdir / 'checkpoints'} is kept")
         losses.append(loss)
+        first_done = first_done or time.perf_counter()
         progress.batch += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -179,11 +177,15 @@ def _train_round(run: _Run, progress: Progress, data: RoundData, rng: np.random.
             progress.rng_state = rng.bit_generator.state
             _save(run, progress, data)
     bar.close()
-    seconds = time.perf_counter() - tick
-    images = len(losses) * per_batch * data.tuples.shape[1]
-    _log(run.workdir, {"step": int(run.state.step), "epoch": progress.epoch, "loop": progress.loop,
-                       "loss": float(np.mean(losses)) if losses else None,
-                       "train_images_per_second": images / seconds if losses else None})
+    if len(losses) < 2:
+        return
+    # The first step of a process compiles; the rate counts the later ones.
+    seconds = time.perf_counter() - first_done
+    rate = (len(losses) - 1) * per_batch * data.tuples.shape[1] / seconds
+    progress.train_images_per_second.append(rate)
+    run.metrics.write(int(run.state.step), {"epoch": progress.epoch, "loop": progress.loop,
+                                            "loss": float(np.mean(losses)),
+                                            "images_per_second": rate}, prefix="train/")
 
 
 def _validate(run: _Run, progress: Progress, data: RoundData, rng: np.random.Generator) -> bool:
@@ -195,7 +197,7 @@ def _validate(run: _Run, progress: Progress, data: RoundData, rng: np.random.Gen
     print(f"Epoch {progress.epoch}: recalls on val set {run.val_split.folder}: {result}")
     improved = recall > progress.best_recall
     progress.history.append({"epoch": progress.epoch, "val": {f"R@{n}": r for n, r in result.recalls.items()}})
-    _log(run.workdir, {"step": int(run.state.step), **progress.history[-1]})
+    run.metrics.write(int(run.state.step), progress.history[-1])
     if improved:
         progress.best_recall, progress.not_improved = recall, 0
     else:
@@ -242,7 +244,17 @@ def _test_best(run: _Run, data: RoundData, progress: Progress) -> dict:
     result = run.evaluate(test_split, config.eval.test_method)
     print(f"Recalls on test set {test_split.folder} ({config.eval.test_method}): {result}")
     run.checkpoints.close()
+    run.metrics.close()
+    params = run.state.params
+    images = np.zeros((1, *run.image_size, 3), np.uint8)
+    rates = progress.train_images_per_second
     return {"val_history": progress.history, "best_val_recall": progress.best_recall,
             "test": {f"R@{n}": r for n, r in result.recalls.items()},
             "test_method": config.eval.test_method, "descriptor_dim": result.descriptor_dim,
-            "steps": int(run.state.step), "extraction": result.timings}
+            "steps": int(run.state.step),
+            "params_total": profiling.count_params(params),
+            "params_trainable": profiling.count_params(run.state.trainable),
+            "gflops_per_image": profiling.xla_flops(run._embed, run.state.variables(), images) / 1e9,
+            "train_images_per_second": float(np.median(rates)) if rates else None,
+            "extraction_images_per_second": result.timings["extraction_images_per_second"],
+            "test_timings": result.timings}

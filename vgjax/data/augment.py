@@ -331,7 +331,8 @@ def sample_rotation(key: jax.Array, batch: int, degrees: float) -> jax.Array:
 
 def sample_query_params(key: jax.Array, batch: int, height: int, width: int,
                         config: AugmentConfig) -> dict[str, tuple[jax.Array, ...]]:
-    """Per-image parameters of every enabled op (the keys of `_OPS` that are on)."""
+    """Per-image parameters of every enabled op: {op in `_OPS`: the arguments its function takes
+    after the images}, e.g. {"hue": (factors [B],), "crop": (top, left, height, width)}."""
     keys = dict(zip(_OPS, jax.random.split(key, len(_OPS))))
     params = {}
     for op in ("brightness", "contrast", "saturation", "hue"):
@@ -350,6 +351,7 @@ def sample_query_params(key: jax.Array, batch: int, height: int, width: int,
 
 
 def _apply_perspective(images, startpoints, endpoints, apply):
+    """Warps the images where apply [B] is True (RandomPerspective's p)."""
     warped = perspective(images, startpoints, endpoints)
     return jnp.where(apply[:, None, None, None], warped, images)
 
