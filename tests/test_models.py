@@ -265,3 +265,17 @@ def test_initialize_netvlad_from_dataset_images(tmp_path):
     for name in ("centroids", "assignment_kernel"):
         np.testing.assert_allclose(initialized["params"]["aggregation"][name], expected[name], rtol=1e-5, atol=1e-6)
     assert np.isfinite(np.asarray(model.apply(initialized, images((64, 64))[1]))).all()
+
+
+def test_crn_starts_from_a_netvlad_checkpoint(tmp_path):
+    netvlad = torch_network(model_config("resnet18conv4", "netvlad"))
+    np.savez(tmp_path / "netvlad.npz", **state_dict_numpy(netvlad))
+    config = model_config("resnet18conv4", "crn", resume=str(tmp_path / "netvlad.npz"), pretrain="none")
+    model, variables = pretrained.build_and_load(config, (64, 64))
+    np.testing.assert_array_equal(variables["params"]["aggregation"]["centroids"],
+                                  netvlad.aggregation.centroids.detach().numpy())
+    fresh = geoloc_net.init_variables(model, (64, 64))
+    np.testing.assert_array_equal(variables["params"]["aggregation"]["crn"]["filter_3_3"]["kernel"],
+                                  fresh["params"]["aggregation"]["crn"]["filter_3_3"]["kernel"])
+    # With the CRN module in place it is the CRN that matters: CRN + NetVLAD weights both load.
+    check_parity(model_config("resnet18conv4", "crn"), tmp_path / "crn.npz")

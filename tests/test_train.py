@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from configs import common, smoke_train
-from vgjax import train_step
+from vgjax import checkpoint, train_step
 from vgjax.data import augment
 from vgjax.data.pipeline import triplet_batches
 from vgjax.models import geoloc_net
@@ -58,6 +58,30 @@ def test_step_updates_only_trainable_params_and_all_batch_stats():
     assert all(jax.tree.leaves(changed))
     # The benchmark's "frozen" stages still update BatchNorm statistics (frozen_bn=False).
     assert not np.array_equal(before[2]["backbone"]["bn1"]["mean"], state.batch_stats["backbone"]["bn1"]["mean"])
+
+
+def test_bfloat16_compute_keeps_float32_params_loss_and_optimizer_state():
+    config = tiny_config(lr=1e-2)
+    config.model.dtype = "bfloat16"
+    state, step, images = _setup(config)
+    state, metrics = step(state, images)
+    assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
+    leaves = jax.tree.leaves((state.trainable, state.frozen, state.opt_state))
+    assert {leaf.dtype for leaf in leaves if leaf.dtype != jnp.int32} == {jnp.dtype(jnp.float32)}
+
+
+def test_an_interrupted_checkpoint_is_never_restored(tmp_path):
+    checkpoints = checkpoint.Checkpoints(tmp_path)
+    state = {"w": np.arange(3.0)}
+    checkpoints.save(state, {"epoch": 1})
+    checkpoints.close()
+    # A save cut short by a crash leaves only orbax's temporary folder (no commit).
+    (tmp_path / "last" / "2.orbax-checkpoint-tmp-1234").mkdir()
+    (tmp_path / "last" / "2.orbax-checkpoint-tmp-1234" / "state").mkdir()
+    restored_state, meta = checkpoint.Checkpoints(tmp_path).restore(state)
+    assert meta == {"epoch": 1}
+    np.testing.assert_array_equal(restored_state["w"], state["w"])
+    assert checkpoint.Checkpoints(tmp_path / "empty").restore(state) is None
 
 
 def test_frozen_bn_keeps_frozen_stage_statistics():

@@ -261,13 +261,16 @@ def load_benchmark_checkpoint(path: str | os.PathLike, model_config: ml_collecti
                               image_size: tuple[int, int] = (480, 640)) -> dict:
     """All variables from a benchmark zoo file or train.py checkpoint (`model_state_dict`,
     'module.' prefix; key names of reference §2.8) for the network `model_config` describes."""
-    state = read_state_dict(path)
+    return _benchmark_variables(read_state_dict(path), model_config, image_size, str(path))
+
+
+def _benchmark_variables(state: dict, model_config, image_size, source: str) -> dict:
     backbone = model_config.backbone
     if backbone in geoloc_net.CNN_BACKBONES:
         state, backbone_prefix = _rename_benchmark_backbone(state, backbone), ""
     else:
         backbone_prefix = "backbone.vit_model." if backbone == "vit" else "backbone."
-    reader = StateDictReader(state, str(path))
+    reader = StateDictReader(state, source)
     parts = {"backbone": _import_backbone(reader, backbone_prefix, model_config, image_size)}
     inner, fc_prefix = _aggregation_prefixes(model_config)
     if model_config.aggregation not in ("cls", "seqpool"):
@@ -389,11 +392,26 @@ def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[in
         if model_config.resume_format not in RESUME_FORMATS:
             raise ValueError(f"unknown model.resume_format {model_config.resume_format!r}; "
                              f"choose one of {RESUME_FORMATS}")
-        loader = {"benchmark": load_benchmark_checkpoint,
-                  "cosplace": load_cosplace_checkpoint}[model_config.resume_format]
-        return model, merge_variables(variables, loader(model_config.resume, model_config, image_size))
+        if model_config.resume_format == "cosplace":
+            return model, merge_variables(variables, load_cosplace_checkpoint(model_config.resume, model_config, image_size))
+        return model, merge_variables(variables, _load_whole_network(model_config, image_size))
     backbone = load_pretrained_backbone(model_config, image_size)
     if backbone is None:
         logging.warning("model.pretrain=none and no model.resume: the network has RANDOM weights")
         return model, variables
     return model, merge_variables(variables, backbone)
+
+
+def _load_whole_network(model_config, image_size) -> dict:
+    """model.resume in the benchmark's layout. For CRN, a file without CRN tensors is the
+    NetVLAD network of the benchmark's two-stage recipe (reference §2.5): it is loaded as such
+    and the context module keeps its initialisation."""
+    path = model_config.resume
+    state = read_state_dict(path)
+    if model_config.aggregation == "crn" and not any(k.startswith("aggregation.crn.") for k in state):
+        print(f"Starting CRN from the NetVLAD network in {path}; the CRN module starts from scratch")
+        netvlad = model_config.copy_and_resolve_references()
+        netvlad.aggregation = "netvlad"
+        return _benchmark_variables(state, netvlad, image_size, str(path))
+    return _benchmark_variables(state, model_config, image_size, str(path))
+
