@@ -73,8 +73,10 @@ class _Run:
         if dropped:
             print(f"{dropped} training queries have no positive within "
                   f"{data.train_positives_dist_threshold:g} m and are not used")
+        self.checkpoints = checkpoint.Checkpoints(workdir / "checkpoints")
         self.model, variables = pretrained.build_and_load(config.model, self.image_size, config.seed)
-        if config.model.aggregation in ("netvlad", "crn") and not config.model.resume:
+        if (config.model.aggregation in ("netvlad", "crn") and not config.model.resume
+                and not self.checkpoints.exists()):  # a restored checkpoint replaces it anyway
             variables = self._initialize_netvlad(variables)
         state, self.tx = train_step.create_state(config, variables, config.seed)
         self.state = sharding.replicate(state, self.mesh)
@@ -82,8 +84,7 @@ class _Run:
         self.step_fn = train_step.make_train_step(self.model, self.tx, train_step.StepConfig(
             tuple_size=2 + negs, criterion=config.train.criterion, margin=config.train.margin,
             augment=augment.AugmentConfig.from_config(config.train)))
-        self._embed = jax.jit(lambda v, x: self.model.apply(v, geoloc_net.normalize_images(x)))
-        self.checkpoints = checkpoint.Checkpoints(workdir / "checkpoints")
+        self.embed_jit = jax.jit(lambda v, x: self.model.apply(v, geoloc_net.normalize_images(x)))
         self.metrics = MetricWriter(workdir)
 
     def _initialize_netvlad(self, variables):
@@ -97,7 +98,7 @@ class _Run:
         """uint8 images -> descriptors with the current params (sharded when it divides)."""
         if len(images) % len(self.mesh.local_devices) == 0:
             images = sharding.shard_batch(images, self.mesh)
-        return np.asarray(self._embed(self.state.variables(), images))
+        return np.asarray(self.embed_jit(self.state.variables(), images))
 
     def evaluate(self, split: Split, test_method: str = "hard_resize") -> evaluate.EvaluationResult:
         config = self.config
@@ -254,7 +255,7 @@ def _test_best(run: _Run, data: RoundData, progress: Progress) -> dict:
             "steps": int(run.state.step),
             "params_total": profiling.count_params(params),
             "params_trainable": profiling.count_params(run.state.trainable),
-            "gflops_per_image": profiling.xla_flops(run._embed, run.state.variables(), images) / 1e9,
+            "gflops_per_image": profiling.xla_flops(run.embed_jit, run.state.variables(), images) / 1e9,
             "train_images_per_second": float(np.median(rates)) if rates else None,
             "extraction_images_per_second": result.timings["extraction_images_per_second"],
             "test_timings": result.timings}
