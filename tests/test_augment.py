@@ -288,3 +288,28 @@ def test_config_reads_the_train_section_and_names_bad_options():
     for option, value in (("hue", 0.6), ("brightness", -0.1), ("rand_perspective", 1.5)):
         with pytest.raises(ValueError, match=option):
             augment.AugmentConfig(**{option: value})
+
+
+def test_cosplace_color_jitter_follows_each_images_own_order():
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 8, 10, 3)), jnp.float32)
+    factors = {"brightness": jnp.array([1.4, 0.6]), "contrast": jnp.array([0.5, 1.5]),
+               "saturation": jnp.array([1.3, 0.4]), "hue": jnp.array([0.2, -0.3])}
+    orders = jnp.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+    got = augment.color_jitter_in_order(images, factors, orders)
+    ops = {"brightness": augment.adjust_brightness, "contrast": augment.adjust_contrast,
+           "saturation": augment.adjust_saturation, "hue": augment.adjust_hue}
+    for b, order in enumerate(([0, 1, 2, 3], [3, 2, 1, 0])):
+        x = images[b:b + 1]
+        for op in order:
+            name = ("brightness", "contrast", "saturation", "hue")[op]
+            x = ops[name](x, factors[name][b:b + 1])
+        np.testing.assert_allclose(got[b:b + 1], x, atol=1e-6)
+    assert not np.allclose(got[0], augment.color_jitter_in_order(images, factors, orders[::-1])[0])
+
+
+def test_cosplace_augment_shapes_range_and_randomness():
+    images = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 32, 32, 3)), jnp.float32)
+    out = augment.cosplace_augment(images, jax.random.key(0))
+    assert out.shape == images.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert not np.allclose(out, augment.cosplace_augment(images, jax.random.key(1)))
+    np.testing.assert_array_equal(out, augment.cosplace_augment(images, jax.random.key(0)))

@@ -185,3 +185,41 @@ def test_bad_shapes_raise():
         losses.triplet_loss(x, negs_per_query=10)
     with pytest.raises(ValueError, match="negs_per_query must be >= 1"):
         losses.sare_ind_loss(jnp.zeros((4, 4)), negs_per_query=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CosFace (CosPlace, reference §5.4).
+
+
+def numpy_cosface_loss(x, w, labels, s=30.0, m=0.4):
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    cosine = (x @ w.T) / np.maximum(np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(w, axis=1)[None], 1e-8)
+    logits = s * (cosine - m * np.eye(w.shape[0])[labels])
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return -log_probs[np.arange(len(labels)), labels].mean(), logits
+
+
+def test_cosface_matches_numpy_and_torch():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 16)).astype(np.float32)
+    w = rng.normal(size=(5, 16)).astype(np.float32) * 3  # rows of any norm: normalized inside
+    labels = np.array([0, 4, 2, 2, 1, 3])
+    expected, _ = numpy_cosface_loss(x, w, labels)
+    np.testing.assert_allclose(float(losses.cosface_loss(x, w, labels)), expected, rtol=1e-5)
+    cosine = torch.nn.functional.linear(torch.nn.functional.normalize(torch.from_numpy(x)),
+                                        torch.nn.functional.normalize(torch.from_numpy(w)))
+    logits = 30.0 * (cosine - 0.4 * torch.nn.functional.one_hot(torch.from_numpy(labels), 5))
+    torch_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels))
+    np.testing.assert_allclose(float(losses.cosface_loss(x, w, labels)), torch_loss.item(), rtol=1e-5)
+    # The margin only touches the target logit.
+    logits = np.asarray(losses.cosface_logits(x, w, labels))
+    no_margin = np.asarray(losses.cosface_logits(x, w, labels, margin=0.0))
+    np.testing.assert_allclose(no_margin - logits, 12.0 * np.eye(5)[labels], atol=1e-4)
+
+
+def test_cosface_init_is_xavier_uniform():
+    w = np.asarray(losses.cosface_init(jax.random.key(0), 300, 512))
+    bound = np.sqrt(6.0 / (300 + 512))
+    assert w.shape == (300, 512) and np.abs(w).max() <= bound
+    np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.02)

@@ -5,6 +5,7 @@ Modes:
     benchmark's test methods), write results.json (and descriptors on request) to the workdir.
   train: triplet training with mining, validation each epoch, early stopping and exact resume
     from the workdir's checkpoints; then the best network is tested (vgjax.train).
+  train_cosplace: CosPlace's CosFace training over groups of classes (vgjax.train_cosplace).
   profile: parameters, size, FLOPs, descriptor dim and extraction speed of the configured
     network at config.data.resize (the paper's Table 3 columns), printed and in profile.json.
 """
@@ -19,15 +20,15 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import baselines, profiling, sharding, train
+from vgjax import baselines, profiling, sharding, train, train_cosplace
 from vgjax import evaluate as evaluate_lib
 from vgjax.data import synthetic
 from vgjax.data.vg_folder import load_split
 from vgjax.models import geoloc_net, pretrained
 
-MODES = ("train", "eval", "profile")
+MODES = ("train", "train_cosplace", "eval", "profile")
 BASELINES = ("tiny_image",)
-SYNTHETIC_DATASETS = ("aerial",)
+SYNTHETIC_DATASETS = ("aerial", "cosplace")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str | None = None) -> dict:
@@ -40,7 +41,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     if config.train.distributed:
         sharding.initialize_distributed()
-    return {"train": run_train, "eval": run_eval, "profile": run_profile}[mode](config, workdir)
+    runs = {"train": run_train, "train_cosplace": run_train_cosplace, "eval": run_eval,
+            "profile": run_profile}
+    return runs[mode](config, workdir)
 
 
 def datasets_root(data_config: ml_collections.ConfigDict) -> Path:
@@ -67,8 +70,11 @@ def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) 
         raise ValueError(f"unknown config.data.synthetic {kind!r}; available: {SYNTHETIC_DATASETS}")
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    synthetic.build_aerial_dataset(partial, seed=config.seed, splits=splits,
-                                   image_size=tuple(config.data.resize))
+    if kind == "cosplace":
+        synthetic.build_cosplace_dataset(partial, seed=config.seed, image_size=tuple(config.data.resize))
+    else:
+        synthetic.build_aerial_dataset(partial, seed=config.seed, splits=splits,
+                                       image_size=tuple(config.data.resize))
     partial.rename(path)
     return path
 
@@ -177,6 +183,23 @@ def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 def run_train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Trains config.model on the dataset's train/val splits, tests the best; results.json."""
     results = train.train_and_evaluate(config, workdir, prepare_dataset(config, ("train", "val", "test")))
+    _write_json(workdir / "results.json", results)
+    print(f"Wrote {workdir / 'results.json'}")
+    return results
+
+
+def run_train_cosplace(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """CosPlace training on config.cosplace's folders (absolute, or relative to
+    <datasets_folder>/<dataset_name> when data.dataset_name is set); results.json."""
+    if "cosplace" not in config:
+        raise ValueError("mode train_cosplace needs a config with a cosplace section, e.g. "
+                         "configs/cosplace_resnet18_512.py")
+    config = config.copy_and_resolve_references()  # the folders are made absolute below
+    if config.data.dataset_name:
+        root = prepare_dataset(config, ())
+        for key in ("train_folder", "val_folder", "test_folder"):
+            config.cosplace[key] = str(root / config.cosplace[key])
+    results = train_cosplace.train_and_evaluate(config, workdir)
     _write_json(workdir / "results.json", results)
     print(f"Wrote {workdir / 'results.json'}")
     return results

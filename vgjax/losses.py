@@ -18,6 +18,10 @@ float32, so the loss of a bfloat16 model is computed in float32.
 
 Deliberate difference from the PyTorch benchmark: sare_joint works with any N (the original's
 `view(B, 10, 3)` hard-codes 10 negatives).
+
+CosPlace (reference.md §5.4): `cosface_logits` / `cosface_loss`, the large-margin cosine
+classifier (s=30, m=0.4) whose weight rows are normalized inside, with cross-entropy;
+`cosface_init` draws its weight like torch's xavier_uniform_.
 """
 
 from __future__ import annotations
@@ -115,3 +119,39 @@ LOSSES = {
     "sare_ind": sare_ind_loss,
     "sare_joint": sare_joint_loss,
 }
+
+
+COSFACE_SCALE = 30.0
+COSFACE_MARGIN = 0.4
+
+
+def cosface_init(key: jax.Array, num_classes: int, dim: int) -> jax.Array:
+    """float32 [num_classes, dim] ~ U(-b, b), b = sqrt(6 / (dim + num_classes)) (xavier uniform)."""
+    bound = (6.0 / (dim + num_classes)) ** 0.5
+    return jax.random.uniform(key, (num_classes, dim), jnp.float32, -bound, bound)
+
+
+def cosface_logits(descriptors: jax.Array, weight: jax.Array, labels: jax.Array,
+                   scale: float = COSFACE_SCALE, margin: float = COSFACE_MARGIN) -> jax.Array:
+    """CosPlace's MarginCosineProduct: s * (cos(x, w_j) - m * [j == label]).
+
+    Args:
+      descriptors: [B, D]; weight: [C, D]; labels: int [B] in [0, C).
+
+    Returns:
+      float32 logits [B, C]; cosines divide by max(||x|| ||w_j||, 1e-8).
+    """
+    x = descriptors.astype(jnp.float32)
+    w = weight.astype(jnp.float32)
+    norms = jnp.linalg.norm(x, axis=1, keepdims=True) * jnp.linalg.norm(w, axis=1)[None, :]
+    cosine = (x @ w.T) / jnp.maximum(norms, 1e-8)
+    return scale * (cosine - margin * jax.nn.one_hot(labels, w.shape[0], dtype=jnp.float32))
+
+
+def cosface_loss(descriptors: jax.Array, weight: jax.Array, labels: jax.Array,
+                 scale: float = COSFACE_SCALE, margin: float = COSFACE_MARGIN) -> jax.Array:
+    """Mean cross-entropy of `cosface_logits` (torch CrossEntropyLoss). float32 []."""
+    logits = cosface_logits(descriptors, weight, labels, scale, margin)
+    picked = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked)
+

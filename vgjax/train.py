@@ -84,7 +84,7 @@ class _Run:
         self.step_fn = train_step.make_train_step(self.model, self.tx, train_step.StepConfig(
             tuple_size=2 + negs, criterion=config.train.criterion, margin=config.train.margin,
             augment=augment.AugmentConfig.from_config(config.train)))
-        self.embed_jit = jax.jit(lambda v, x: self.model.apply(v, geoloc_net.normalize_images(x)))
+        self.embed_state = train_step.make_state_embed_fn(self.model, self.mesh)
         self.metrics = MetricWriter(workdir)
 
     def _initialize_netvlad(self, variables):
@@ -95,10 +95,8 @@ class _Run:
                                              seed=self.config.seed)
 
     def embed_fn(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images -> descriptors with the current params (sharded when it divides)."""
-        if len(images) % len(self.mesh.local_devices) == 0:
-            images = sharding.shard_batch(images, self.mesh)
-        return np.asarray(self.embed_jit(self.state.variables(), images))
+        """uint8 images -> descriptors with the current params."""
+        return self.embed_state(self.state, images)
 
     def evaluate(self, split: Split, test_method: str = "hard_resize") -> evaluate.EvaluationResult:
         config = self.config
@@ -255,7 +253,7 @@ def _test_best(run: _Run, data: RoundData, progress: Progress) -> dict:
             "steps": int(run.state.step),
             "params_total": profiling.count_params(params),
             "params_trainable": profiling.count_params(run.state.trainable),
-            "gflops_per_image": profiling.xla_flops(run.embed_jit, run.state.variables(), images) / 1e9,
+            "gflops_per_image": profiling.xla_flops(run.embed_state.jitted, run.state.variables(), images) / 1e9,
             "train_images_per_second": float(np.median(rates)) if rates else None,
             "extraction_images_per_second": result.timings["extraction_images_per_second"],
             "test_timings": result.timings}

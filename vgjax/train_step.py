@@ -15,10 +15,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
-from vgjax import losses
+from vgjax import losses, sharding
 from vgjax.data import augment
 from vgjax.models import geoloc_net
 
@@ -86,9 +87,13 @@ def make_optimizer(train_config: ml_collections.ConfigDict, aggregation: str,
          "net": _base_optimizer(train_config.optim, train_config.lr_crn_net)}, labels)
 
 
-def create_state(config: ml_collections.ConfigDict, variables: dict, seed: int) -> tuple[TrainState, optax.GradientTransformation]:
-    """The initial TrainState for `variables` and the optimizer that goes with it."""
+def create_state(config: ml_collections.ConfigDict, variables: dict, seed: int, *,
+                 train_all_layers: bool = False) -> tuple[TrainState, optax.GradientTransformation]:
+    """The initial TrainState for `variables` and the optimizer that goes with it. The
+    benchmark's frozen layers stay fixed unless `train_all_layers`."""
     mask = geoloc_net.trainable_mask(config.model, variables["params"])
+    if train_all_layers:
+        mask = jax.tree.map(lambda _: True, mask)
     trainable, frozen = split_params(variables["params"], mask)
     tx = make_optimizer(config.train, config.model.aggregation, trainable)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
@@ -150,6 +155,20 @@ def train_step(state: TrainState, images: jax.Array, *, model: geoloc_net.GeoLoc
     new_state = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, {"loss": loss}
+
+
+def make_state_embed_fn(model: geoloc_net.GeoLocalizationNet, mesh):
+    """(state, uint8 images) -> float32 numpy descriptors with the state's current params;
+    one compiled function for the run, batches sharded over the mesh when they divide."""
+    embed = jax.jit(lambda variables, x: model.apply(variables, geoloc_net.normalize_images(x)))
+
+    def embed_state(state: TrainState, images):
+        if len(images) % len(mesh.local_devices) == 0:
+            images = sharding.shard_batch(images, mesh)
+        return np.asarray(embed(state.variables(), images))
+
+    embed_state.jitted = embed
+    return embed_state
 
 
 def make_train_step(model, tx, step_config: StepConfig):

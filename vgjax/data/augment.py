@@ -392,3 +392,47 @@ def flip_batch(images: jax.Array, key: jax.Array, enabled: bool) -> jax.Array:
     if not enabled:
         return images
     return dm_pix.random_flip_left_right(key, images, probability=_FLIP_P)
+
+
+# CosPlace's batch augmentation (reference §5.5): ColorJitter with all four options, where each
+# image gets its own factors AND its own random order of the four ops (torchvision draws a
+# permutation per call), then RandomResizedCrop back to the input size.
+
+_COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def color_jitter_in_order(images: jax.Array, factors: dict[str, jax.Array], orders: jax.Array) -> jax.Array:
+    """Applies the four colour ops to each image in its own order.
+
+    Args:
+      images: float32 [B, H, W, 3] in [0, 1].
+      factors: {op: float32 [B]} for every op of _COLOR_OPS.
+      orders: int [B, 4]; orders[b] is a permutation of range(4) indexing _COLOR_OPS.
+    """
+    rows = jnp.arange(images.shape[0])
+    for position in range(len(_COLOR_OPS)):
+        candidates = jnp.stack([_APPLY[op](images, factors[op]) for op in _COLOR_OPS])
+        images = candidates[orders[:, position], rows]
+    return images
+
+
+@functools.partial(jax.jit, static_argnames=("brightness", "contrast", "saturation", "hue",
+                                             "random_resized_crop"))
+def cosplace_augment(images: jax.Array, key: jax.Array, *, brightness: float = 0.7,
+                     contrast: float = 0.7, saturation: float = 0.7, hue: float = 0.5,
+                     random_resized_crop: float = 0.5) -> jax.Array:
+    """CosPlace's training augmentation of a batch: float32 [B, H, W, 3] in [0, 1] -> same shape.
+
+    Deliberate difference: the crop is resized without antialiasing, as CosPlace's code at the
+    paper's time did (later versions pass antialias=True).
+    """
+    batch, height, width = images.shape[:3]
+    factor_keys = jax.random.split(key, len(_COLOR_OPS) + 2)
+    strengths = dict(zip(_COLOR_OPS, (brightness, contrast, saturation, hue)))
+    factors = {op: sample_factors(k, batch, *jitter_range(op, strengths[op]))
+               for op, k in zip(_COLOR_OPS, factor_keys)}
+    orders = jax.vmap(lambda k: jax.random.permutation(k, len(_COLOR_OPS)))(
+        jax.random.split(factor_keys[-2], batch))
+    images = color_jitter_in_order(images, factors, orders)
+    crop = sample_resized_crop(factor_keys[-1], batch, height, width, (1.0 - random_resized_crop, 1.0))
+    return resized_crop(images, *crop)

@@ -183,3 +183,38 @@ def build_aerial_dataset(dataset_dir: str | os.PathLike, *, seed: int = 0,
                      heading=headings, note=["dusk"] * len(queries))
         bar.close()
     return dataset_dir
+
+
+def build_cosplace_dataset(root: str | os.PathLike, *, seed: int = 0, cells: int = 6,
+                           images_per_cell: int = 3, cell_m: float = 10.0,
+                           image_size: tuple[int, int] = (64, 64), progress: bool = True) -> Path:
+    """An SF-XL-style dataset for CosPlace: `train/` (flat, `images_per_cell` views around the
+    centre of each of cells x cells UTM cells of `cell_m` metres, all looking within +-5 degrees
+    of one random 30-degree bin centre per cell, so each cell is one CosPlace class),
+    `val/{database,queries}` and `test/{database,queries_v1}` (aerial splits as above).
+
+    Returns:
+      root.
+    """
+    root = Path(root)
+    world = AerialWorld(seed=seed, size_m=cells * cell_m + 60.0)
+    texture = world.texture()
+    rng = np.random.default_rng(seed)
+    centres = (np.stack(np.meshgrid(np.arange(cells), np.arange(cells)), -1).reshape(-1, 2) + 0.5) * cell_m + 30.0
+    utm = np.repeat(centres, images_per_cell, axis=0) + rng.uniform(-2, 2, (len(centres) * images_per_cell, 2))
+    cell_headings = rng.integers(0, 12, len(centres)) * 30.0 + 15.0
+    headings = np.repeat(cell_headings, images_per_cell) + rng.uniform(-5, 5, len(utm))
+
+    def render(i: int, east: float, north: float) -> np.ndarray:
+        return render_view(texture, world, east - UTM_ORIGIN[0], north - UTM_ORIGIN[1], headings[i],
+                           24.0, image_size)
+
+    write_images(root / "train", utm + UTM_ORIGIN, render, heading=headings)
+    splits = build_aerial_dataset(root / "eval", seed=seed + 1, splits=("val", "test"), num_queries=20,
+                                  size_m=120.0, image_size=image_size, progress=progress)
+    (splits / "images" / "val").rename(root / "val")
+    (splits / "images" / "test").rename(root / "test")
+    (root / "test" / "queries").rename(root / "test" / "queries_v1")
+    for folder in (splits / "images", splits):
+        folder.rmdir()
+    return root
