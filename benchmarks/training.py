@@ -2,6 +2,7 @@
 
   python benchmarks/training.py            # 480x640, resnet18conv4 + gem, the benchmark's batch
   python benchmarks/training.py --quick    # 120x160, ~1 minute
+  python benchmarks/training.py --cosplace # CosPlace's step: ResNet-18 + GeM + FC 512, 32 x 512x512
 
 Measures, on the current device:
 - train step (forward, backward, Adam; 4 tuples x (1 query + 1 positive + 10 negatives) = 48
@@ -25,8 +26,12 @@ import faiss  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import common  # noqa: E402
-from vgjax import mining, train_step  # noqa: E402
+import functools  # noqa: E402
+
+import optax  # noqa: E402
+
+from configs import common, cosplace_resnet18_512  # noqa: E402
+from vgjax import losses, mining, train_cosplace, train_step  # noqa: E402
 from vgjax.data import augment  # noqa: E402
 from vgjax.data.vg_folder import Split, positives_within  # noqa: E402
 from vgjax.models import geoloc_net  # noqa: E402
@@ -112,11 +117,42 @@ def time_selection(dim, num_database=10_000, rounds=3):
             "reference_seconds": float(np.median(reference))}
 
 
+def time_cosplace_step(size, steps, batch_size=32):
+    """CosPlace's step: model + a 1000-class CosFace classifier, on-device augmentation."""
+    config = cosplace_resnet18_512.get_config()
+    model = geoloc_net.build(config.model, size)
+    state, tx = train_step.create_state(config, geoloc_net.init_variables(model, size), seed=0)
+    classifier_tx = optax.adam(0.01)
+    weight = losses.cosface_init(jax.random.key(0), 1000, config.model.fc_output_dim)
+    classifier = train_cosplace.Classifier(weight, classifier_tx.init(weight))
+    step = jax.jit(functools.partial(train_cosplace.cosplace_step, model=model, tx=tx, classifier_tx=classifier_tx,
+                                     augmentation=(0.7, 0.7, 0.7, 0.5, 0.5)), donate_argnums=(0, 1))
+    images = np.random.default_rng(0).integers(0, 256, (batch_size, *size, 3), np.uint8)
+    labels = np.arange(batch_size, dtype=np.int32)
+    times = []
+    for _ in range(steps + 1):
+        tick = time.perf_counter()
+        state, classifier, metrics = step(state, classifier, images, labels)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - tick)
+    seconds = float(np.median(times[1:]))
+    return {"seconds_per_step": seconds, "images_per_second": batch_size / seconds,
+            "first_step_seconds": times[0], "images_per_step": batch_size}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cosplace", action="store_true", help="only CosPlace's train step")
     parser.add_argument("--out", default="benchmarks/results/training.json")
     args = parser.parse_args()
+    if args.cosplace:
+        size = (128, 128) if args.quick else (512, 512)
+        step = time_cosplace_step(size, steps=2 if args.quick else 3)
+        print(f"CosPlace step (32 images, {size[0]}x{size[1]}, ResNet-18 + GeM + FC 512): "
+              f"{step['seconds_per_step']:.2f} s/step, {step['images_per_second']:.2f} img/s "
+              f"(first step incl. compile {step['first_step_seconds']:.1f} s)")
+        return
     config = common.get_config()
     config.model.backbone, config.model.aggregation = "resnet18conv4", "gem"
     size = (120, 160) if args.quick else (480, 640)
