@@ -26,8 +26,12 @@ def test_demo_main_job_end_to_end(tmp_path):
     workdir = tmp_path / "run"
     out = _launch("--config", "configs/demo.py", "--workdir", str(workdir),
                   f"--config.data.datasets_folder={tmp_path / 'datasets'}",
-                  "--config.eval.save_descriptors=True")
+                  "--config.eval.save_descriptors=True", "--config.eval.num_preds_to_save=3",
+                  "--config.eval.queries_to_save=2")
     assert out.returncode == 0, out.stderr[-3000:]
+    pictures = workdir / "predictions" / "maj_voting"
+    assert sorted(p.name for p in (pictures / "preds").iterdir()) == ["000.jpg", "000.txt", "001.jpg", "001.txt"]
+    assert (pictures / "recalls.png").exists() and (pictures / "map.png").exists()
     results = json.loads((workdir / "results.json").read_text())
     assert list(results["results"]) == list(evaluate.TEST_METHODS)
     for method, entry in results["results"].items():

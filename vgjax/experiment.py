@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import baselines, profiling, sharding, train, train_cosplace
+from vgjax import baselines, profiling, sharding, train, train_cosplace, visualize
 from vgjax import evaluate as evaluate_lib
 from vgjax.data import synthetic
 from vgjax.data.vg_folder import load_split
@@ -131,6 +131,16 @@ def _results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _save_pictures(out_dir: Path, split, result: evaluate_lib.EvaluationResult, eval_config) -> None:
+    """Prediction images of the first queries, the recall@N plot and the map of top-1 hits."""
+    visualize.save_predictions(out_dir, split, result.predictions,
+                               num_preds=min(eval_config.num_preds_to_save, result.predictions.shape[1]),
+                               only_wrong=eval_config.save_only_wrong_preds,
+                               query_indices=range(min(eval_config.queries_to_save, split.num_queries)))
+    visualize.save_recall_plot(out_dir / "recalls.png", result.recalls)
+    visualize.save_map(out_dir / "map.png", split, result.predictions)
+
+
 def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Evaluates the configured model on config.eval.split; writes workdir/results.json."""
     split = load_split(prepare_dataset(config, (config.eval.split,)), config.eval.split,
@@ -157,6 +167,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             "index": result.index,
             "timings": result.timings,
         }
+        if config.eval.num_preds_to_save > 0:
+            _save_pictures(workdir / "predictions" / method, split, result, config.eval)
         if config.eval.save_descriptors:
             evaluate_lib.export_descriptors(
                 workdir / "descriptors" / method, split, result.database_descriptors,
