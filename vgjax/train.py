@@ -162,11 +162,8 @@ def _train_round(run: _Run, progress: Progress, data: RoundData, rng: np.random.
                desc=f"epoch {progress.epoch} loop {progress.loop}")
     for images in batches:
         run.state, metrics = run.step_fn(run.state, sharding.shard_batch(images, run.mesh))
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {loss} at step {int(run.state.step)} (epoch {progress.epoch}, loop "
-                f"{progress.loop}); the last good checkpoint in {run.workdir / 'checkpoints'} is kept")
+        loss = train_step.checked_loss(metrics, run.state, f"epoch {progress.epoch}, loop {progress.loop}",
+                                       run.workdir / "checkpoints")
         losses.append(loss)
         first_done = first_done or time.perf_counter()
         progress.batch += 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from pathlib import Path
 
@@ -184,11 +183,8 @@ def _train_epoch(run: _Run, progress: Progress) -> None:
         step_labels = labels[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
         run.state, classifier, metrics = run.step_fn(run.state, classifier, sharding.shard_batch(images, run.mesh),
                                                      sharding.shard_batch(step_labels, run.mesh))
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} at step {int(run.state.step)} (epoch "
-                                     f"{progress.epoch}); the last good checkpoint in "
-                                     f"{run.workdir / 'checkpoints'} is kept")
+        loss = train_step.checked_loss(metrics, run.state, f"epoch {progress.epoch}",
+                                       run.workdir / "checkpoints")
         losses_seen.append(loss)
         first_done = first_done or time.perf_counter()
         progress.step += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -169,6 +170,16 @@ def make_state_embed_fn(model: geoloc_net.GeoLocalizationNet, mesh):
 
     embed_state.jitted = embed
     return embed_state
+
+
+def checked_loss(metrics: dict, state: TrainState, where: str, checkpoint_dir) -> float:
+    """The step's loss as a float; raises FloatingPointError (naming the step and that the last
+    good checkpoint in `checkpoint_dir` is kept) when it is not finite."""
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} at step {int(state.step)} ({where}); "
+                                 f"the last good checkpoint in {checkpoint_dir} is kept")
+    return loss
 
 
 def make_train_step(model, tx, step_config: StepConfig):
