@@ -316,7 +316,7 @@ def fit_pca_on_folder(embed_fn: EmbedFn, folder: str | os.PathLike, dim: int, *,
     paths = list_images(folder)
     order = np.random.default_rng(seed).permutation(len(paths))[:max_images]
     descriptors, _ = embed_images(embed_fn, [paths[i] for i in order],
-                                  functools.partial(_hard_resize, resize=tuple(resize)),
+                                  query_transform("hard_resize", resize),
                                   batch_size, desc="PCA descriptors", progress=progress)
     return fit_pca(descriptors, dim)
 
@@ -429,7 +429,7 @@ def _embed_split(embed_fn, split, test_method, resize, batch_size, progress, num
                  database=None):
     if database is None:
         database, database_timing = embed_images(
-            embed_fn, split.database_paths, functools.partial(_hard_resize, resize=tuple(resize)),
+            embed_fn, split.database_paths, query_transform("hard_resize", resize),
             batch_size, desc="database", progress=progress, num_threads=num_threads)
     else:
         database, database_timing = np.asarray(database, np.float32), EmbedTiming()

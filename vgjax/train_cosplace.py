@@ -135,18 +135,18 @@ class _Run:
             cosplace_step, model=self.model, tx=self.tx, classifier_tx=self.classifier_tx,
             augmentation=augmentation), donate_argnums=(0, 1))
         self.embed_state = train_step.make_state_embed_fn(self.model, self.mesh)
+        self.val_split = _load_folder(cfg.val_folder, config.data.val_positive_dist_threshold)
         self.checkpoints = checkpoint.Checkpoints(workdir / "checkpoints")
         self.metrics = MetricWriter(workdir)
 
-    def evaluate(self, folder: str, queries_folder: str = "queries") -> evaluate.EvaluationResult:
-        split = _load_folder(folder, self.config.data.val_positive_dist_threshold, queries_folder)
+    def evaluate(self, split: Split) -> evaluate.EvaluationResult:
         return evaluate.evaluate(lambda images: self.embed_state(self.state, images), split,
                                  resize=self.image_size, recall_values=tuple(self.config.eval.recall_values),
                                  batch_size=self.config.data.infer_batch_size,
                                  num_threads=self.config.data.num_workers)
 
 
-def _load_folder(folder: str, positive_dist_m: float, queries_folder: str) -> Split:
+def _load_folder(folder: str, positive_dist_m: float, queries_folder: str = "queries") -> Split:
     """A split given as a folder holding database/ and the queries folder (CosPlace's way)."""
     folder = Path(folder)
     return load_split(folder.parent, folder.name, positive_dist_m, queries_folder=queries_folder)
@@ -209,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict
     progress = _restore(run) or Progress()
     while progress.epoch < cfg.epochs_num:
         _train_epoch(run, progress)
-        result = run.evaluate(cfg.val_folder)
+        result = run.evaluate(run.val_split)
         recall = result.recalls[config.eval.recall_values[0]]
         print(f"Epoch {progress.epoch}: recalls on val set {cfg.val_folder}: {result}")
         improved = recall > progress.best_recall
@@ -219,7 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict
         progress.epoch, progress.step = progress.epoch + 1, 0
         _save(run, progress, best=improved)
     _restore(run, "best")
-    result = run.evaluate(cfg.test_folder, cfg.test_queries_folder)
+    test_split = _load_folder(cfg.test_folder, config.data.val_positive_dist_threshold,
+                              cfg.test_queries_folder)
+    result = run.evaluate(test_split)
     print(f"Recalls on test set {cfg.test_folder} ({cfg.test_queries_folder}): {result}")
     run.checkpoints.close()
     run.metrics.close()
