@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
         l2="before_pool",
         netvlad_clusters=64,
         fc_output_dim=config_dict.placeholder(int),
-        pretrain="imagenet",  # imagenet | none | a local weights file (torchvision/HF/CCT layout)
+        pretrain="imagenet",  # imagenet | places365 (resnet18) | none | a local weights file
         trunc_te=config_dict.placeholder(int),
         freeze_te=config_dict.placeholder(int),
         dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)

@@ -4,6 +4,12 @@ Submodules are imported on demand so that `import vgjax` stays cheap:
   vgjax.data.vg_folder  dataset folders in the VPR-datasets-downloader format -> Split
   vgjax.index           faiss indexes (exact and approximate) by name
   vgjax.evaluate        recall@N, the benchmark's query test methods, PCA, `evaluate()`
+
+Importing vgjax sets vgjax's default XLA CPU flags (vgjax.xla_flags) before jax starts.
 """
+
+from vgjax import xla_flags as _xla_flags
+
+_xla_flags.apply_cpu_defaults()
 
 __version__ = "0.1.0"

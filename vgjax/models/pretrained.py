@@ -353,10 +353,15 @@ def fetch(url: str, *, offline: bool | None = None) -> Path:
 
 def pretrained_backbone_file(model_config: ml_collections.ConfigDict) -> Path | None:
     """The file behind `model_config.pretrain`: a local path, "imagenet" (torchvision V1 weights,
-    cached or downloaded) or "none" (random init)."""
+    cached or downloaded), "places365" (ResNet-18 only, vgjax.models.places365) or "none"."""
     pretrain = model_config.pretrain
     if pretrain in ("none", ""):
         return None
+    if pretrain == "places365":
+        if not model_config.backbone.startswith("resnet18"):
+            raise ValueError(f"pretrain=places365 is a ResNet-18; got backbone {model_config.backbone}")
+        from vgjax.models import places365  # noqa: PLC0415 (it imports this module)
+        return places365.resnet18_file()
     if pretrain == "imagenet":
         arch = re.sub(r"conv[45]$", "", model_config.backbone)
         if arch not in TORCHVISION_URLS:
@@ -365,7 +370,7 @@ def pretrained_backbone_file(model_config: ml_collections.ConfigDict) -> Path | 
         return fetch(TORCHVISION_URLS[arch])
     path = Path(pretrain)
     if not path.is_file():
-        raise FileNotFoundError(f"model.pretrain={pretrain!r} is neither 'imagenet', 'none' nor an "
+        raise FileNotFoundError(f"model.pretrain={pretrain!r} is neither 'imagenet', 'places365', 'none' nor an "
                                 "existing weights file (places/gldv2 weights: download them and "
                                 "pass the file)")
     return path

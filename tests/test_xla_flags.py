@@ -1,0 +1,53 @@
+"""vgjax's default XLA CPU flags: set on import, overridable, never after the backend started."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vgjax import xla_flags
+
+_PRINT_FLAGS = "import vgjax, os; print(os.environ.get('XLA_FLAGS', ''))"
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VGJAX_XLA_DEFAULTS")}
+    return subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True,
+                          text=True, check=True)
+
+
+def test_import_disables_ynn_fusions_on_measured_jaxlib():
+    assert xla_flags._jaxlib_version().startswith(xla_flags.MEASURED_JAXLIB)  # the pinned jaxlib
+    assert _run(_PRINT_FLAGS).stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def test_other_flags_are_kept_and_a_users_value_wins():
+    out = _run(_PRINT_FLAGS, XLA_FLAGS="--xla_force_host_platform_device_count=2").stdout.strip()
+    assert out == "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type="
+    mine = "--xla_cpu_experimental_ynn_fusion_type=-ynn_fusion"
+    assert _run(_PRINT_FLAGS, XLA_FLAGS=mine).stdout.strip() == mine
+
+
+def test_opt_out_keeps_jax_defaults():
+    assert _run(_PRINT_FLAGS, VGJAX_XLA_DEFAULTS="0").stdout.strip() == ""
+
+
+def test_import_after_backend_start_warns_instead_of_pretending():
+    result = _run("import jax; jax.devices(); import vgjax, os; print(os.environ.get('XLA_FLAGS', ''))")
+    assert result.stdout.strip() == ""
+    assert "too late" in result.stderr or "will not see" in result.stderr
+
+
+def test_the_flag_is_accepted_by_xla():
+    """An unknown or malformed XLA flag aborts the process; this one must compile and run."""
+    code = "import vgjax, jax.numpy as jnp; print(float(jnp.ones((2, 2)).sum()))"
+    assert _run(code).stdout.strip() == "4.0"
+
+
+@pytest.mark.parametrize("version", ["0.11.0", ""])
+def test_unmeasured_jaxlib_gets_nothing(monkeypatch, version):
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: version)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla_flags.apply_cpu_defaults() == []
+    assert "XLA_FLAGS" not in os.environ

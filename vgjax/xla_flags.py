@@ -1,0 +1,56 @@
+"""XLA settings vgjax applies by default, before jax creates its CPU backend.
+
+On jaxlib 0.10.x, XLA:CPU routes convolutions to YNNPACK fusions, which on the AVX-512 CPUs we
+measured are 15-25% slower for inference and about 2x slower for training than XLA's Eigen
+convolutions (see benchmarks/README.md). `apply_cpu_defaults()` (run by `import vgjax`) therefore
+adds `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions) to $XLA_FLAGS.
+
+- It is a CPU-only flag; GPU and TPU backends ignore it.
+- A value already in $XLA_FLAGS wins (e.g. `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-ynn_fusion`
+  style lists, see XLA's flag help); `VGJAX_XLA_DEFAULTS=0` keeps jax's own defaults.
+- Only applied for the jaxlib versions it was measured on (an unknown flag aborts XLA).
+- XLA reads $XLA_FLAGS once, when the first backend is created: importing vgjax after running a
+  jax computation is too late, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import warnings
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+CPU_DEFAULTS = (f"{YNN_FLAG}=",)
+MEASURED_JAXLIB = ("0.10.",)  # version prefixes where the flag exists and was measured to help
+
+
+def _jaxlib_version() -> str:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _backend_started() -> bool:
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    return bool(getattr(bridge, "_backends", None))
+
+
+def apply_cpu_defaults() -> list[str]:
+    """Adds CPU_DEFAULTS to $XLA_FLAGS where the user has not set them; returns what it added."""
+    if os.environ.get("VGJAX_XLA_DEFAULTS", "1") == "0":
+        return []
+    if not _jaxlib_version().startswith(MEASURED_JAXLIB):
+        return []
+    current = os.environ.get("XLA_FLAGS", "")
+    added = [flag for flag in CPU_DEFAULTS if flag.split("=")[0] + "=" not in current]
+    if not added:
+        return []
+    if _backend_started():
+        warnings.warn(f"vgjax was imported after jax started its backend, so XLA will not see "
+                      f"{' '.join(added)} (faster CPU convolutions); import vgjax first or set "
+                      "XLA_FLAGS yourself", stacklevel=3)
+        return []
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [current, *added]))
+    return added
