@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         datasets_folder="",  # root of the datasets; empty: the DATASETS_FOLDER environment variable
         dataset_name="pitts30k",  # reads <datasets_folder>/<dataset_name>/images/<split>
-        synthetic="",  # "aerial": render the built-in synthetic dataset there if it is missing
+        synthetic="",  # aerial | cosplace | doom: render a built-in synthetic dataset there if missing
+        synthetic_frames=600,  # doom: frames per database walk and per query walk, in each split
         resize=(480, 640),  # H, W for training and inference
         infer_batch_size=16,
         num_workers=2,  # host threads decoding images

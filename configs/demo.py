@@ -1,10 +1,19 @@
-"""The main job's built-in example: a rendered synthetic aerial world, evaluated end to end.
+"""The main job: visual geo-localization learned on a rendered world, on a laptop CPU.
 
-Runs on a laptop CPU in well under a minute with no dataset and no weights:
   python launch.py --config configs/demo.py --workdir workdirs/demo
-It renders the dataset (once) into workdirs/datasets/aerial_demo in the real folder format, embeds
-it with the learning-free tiny-image baseline (jit-compiled), searches with faiss and reports the
-benchmark's recall@N for every query test method.
+
+Renders the ViZDoom demo world once into workdirs/datasets/doom_demo (three Freedoom maps as
+train/val/test, daylight database walks, night query walks; see vgjax/data/demo_world.py), then
+(vgjax.demo) tests a ResNet-18 conv4 + GeM network (a) with random weights, (b) with the Places365
+backbone, (c) after triplet training with partial mining from (b), and writes the recall table,
+prediction pictures, maps and a recall plot to the workdir. About 12 minutes on 2 CPU cores.
+
+The recipe, chosen by measurement on this world (val R@5 per epoch, then test):
+- 120x160 images (the rendering size): conv4 maps of 8x10.
+- frozen_bn=True: BatchNorm statistics stay Places365's. Updating them on 48-image batches of
+  mixed day/night tuples (the benchmark's behaviour, frozen_bn=False) lost 2 points of R@1.
+- lr 1e-5 (the benchmark's default); 5e-5 overfit the small train map within an epoch.
+- 400 queries per epoch in rounds of 200, negatives from 500 sampled database images.
 """
 
 from configs import common
@@ -12,12 +21,22 @@ from configs import common
 
 def get_config():
     config = common.get_config()
-    config.mode = "eval"
+    config.mode = "demo"
     config.data.datasets_folder = "workdirs/datasets"
-    config.data.dataset_name = "aerial_demo"
-    config.data.synthetic = "aerial"
-    config.data.resize = (96, 128)
-    config.model.backbone = "tiny_image"
-    config.model.aggregation = "none"
-    config.eval.test_method = "all"  # every query test method of the benchmark, one after another
+    config.data.dataset_name = "doom_demo"
+    config.data.synthetic = "doom"
+    config.data.synthetic_frames = 600
+    config.data.resize = (120, 160)
+    config.data.infer_batch_size = 32
+    config.model.backbone = "resnet18conv4"
+    config.model.aggregation = "gem"
+    config.model.pretrain = "places365"
+    config.model.frozen_bn = True
+    config.train.lr = 1e-5
+    config.train.epochs_num = 3
+    config.mining.cache_refresh_rate = 200
+    config.mining.queries_per_epoch = 400
+    config.mining.neg_samples_num = 500
+    config.eval.num_preds_to_save = 5
+    config.eval.queries_to_save = 12
     return config

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import common, demo
+from configs import aerial_tiny_image, common
 from torch_helpers import import_torchvision
 from vgjax import evaluate, experiment
 from vgjax.models import geoloc_net
@@ -22,9 +22,9 @@ def _launch(*args, env=None):
                           text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
-def test_demo_main_job_end_to_end(tmp_path):
+def test_aerial_baseline_eval_end_to_end(tmp_path):
     workdir = tmp_path / "run"
-    out = _launch("--config", "configs/demo.py", "--workdir", str(workdir),
+    out = _launch("--config", "configs/aerial_tiny_image.py", "--workdir", str(workdir),
                   f"--config.data.datasets_folder={tmp_path / 'datasets'}",
                   "--config.eval.save_descriptors=True", "--config.eval.num_preds_to_save=3",
                   "--config.eval.queries_to_save=2")
@@ -49,9 +49,9 @@ def test_demo_main_job_end_to_end(tmp_path):
 
 
 def test_typos_and_unknown_modes_are_rejected(tmp_path):
-    out = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.eval.test_metod=x")
+    out = _launch("--config", "configs/aerial_tiny_image.py", "--workdir", str(tmp_path), "--config.eval.test_metod=x")
     assert out.returncode != 0 and "test_method" in out.stderr  # "Did you mean"
-    out = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path), "--mode", "fly")
+    out = _launch("--config", "configs/aerial_tiny_image.py", "--workdir", str(tmp_path), "--mode", "fly")
     assert out.returncode != 0 and "--mode" in out.stderr
 
 
@@ -65,7 +65,7 @@ def test_missing_datasets_folder_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_unknown_synthetic_kind_is_named(tmp_path):
-    config = demo.get_config()
+    config = aerial_tiny_image.get_config()
     config.data.datasets_folder = str(tmp_path)
     config.data.synthetic = "forest"
     with pytest.raises(ValueError, match="unknown config.data.synthetic 'forest'"):
@@ -82,7 +82,7 @@ def test_offline_imagenet_weights_fail_loudly_instead_of_random_init(tmp_path, m
 
 
 def test_pca_needs_its_folder(tmp_path):
-    config = demo.get_config()
+    config = aerial_tiny_image.get_config()
     config.data.datasets_folder = str(tmp_path)
     config.eval.pca_dim = 8
     with pytest.raises(ValueError, match="pca_dim needs config.eval.pca_dataset_folder"):
@@ -147,7 +147,7 @@ def test_eval_mode_with_a_network_from_a_benchmark_checkpoint(tmp_path):
     state["aggregation.centroids"] = np.asarray(variables["params"]["aggregation"]["centroids"])
     state["aggregation.conv.weight"] = np.asarray(variables["params"]["aggregation"]["assignment_kernel"]).T[:, :, None, None]
     np.savez(tmp_path / "net.npz", **state)
-    out = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
+    out = _launch("--config", "configs/aerial_tiny_image.py", "--workdir", str(tmp_path / "run"),
                   f"--config.data.datasets_folder={tmp_path / 'datasets'}",
                   "--config.model.backbone=resnet18conv4", "--config.model.aggregation=netvlad",
                   "--config.model.netvlad_clusters=4", f"--config.model.resume={tmp_path / 'net.npz'}",

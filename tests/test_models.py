@@ -173,7 +173,7 @@ def test_pretrain_option_resolves_local_files_and_none(tmp_path):
     config = model_config("resnet18conv4", "gem", pretrain="none")
     assert pretrained.load_pretrained_backbone(config, (64, 64)) is None
     config.pretrain = str(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'none' nor an existing weights file"):
+    with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'places365', 'none' nor an existing weights file"):
         pretrained.load_pretrained_backbone(config, (64, 64))
     config.backbone = "cct384"
     config.pretrain = "imagenet"

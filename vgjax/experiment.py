@@ -1,6 +1,7 @@
 """Runs an experiment from a config: what launch.py hands off to.
 
 Modes:
+  demo: the main job on the ViZDoom world: random init vs Places365 vs trained (vgjax.demo).
   eval: evaluate a model on `config.eval.split` with `config.eval.test_method` (or "all" of the
     benchmark's test methods), write results.json (and descriptors on request) to the workdir.
   train: triplet training with mining, validation each epoch, early stopping and exact resume
@@ -20,15 +21,15 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import baselines, profiling, sharding, train, train_cosplace, visualize
+from vgjax import baselines, demo, profiling, sharding, train, train_cosplace, visualize
 from vgjax import evaluate as evaluate_lib
-from vgjax.data import synthetic
+from vgjax.data import demo_world, synthetic
 from vgjax.data.vg_folder import load_split
 from vgjax.models import geoloc_net, pretrained
 
-MODES = ("train", "train_cosplace", "eval", "profile")
+MODES = ("demo", "train", "train_cosplace", "eval", "profile")
 BASELINES = ("tiny_image",)
-SYNTHETIC_DATASETS = ("aerial", "cosplace")
+SYNTHETIC_DATASETS = ("aerial", "cosplace", "doom")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str | None = None) -> dict:
@@ -41,8 +42,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     if config.train.distributed:
         sharding.initialize_distributed()
-    runs = {"train": run_train, "train_cosplace": run_train_cosplace, "eval": run_eval,
-            "profile": run_profile}
+    runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace,
+            "eval": run_eval, "profile": run_profile}
     return runs[mode](config, workdir)
 
 
@@ -64,10 +65,13 @@ def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) 
     """
     path = datasets_root(config.data) / config.data.dataset_name
     kind = config.data.synthetic
+    if kind and kind not in SYNTHETIC_DATASETS:
+        raise ValueError(f"unknown config.data.synthetic {kind!r}; available: {SYNTHETIC_DATASETS}")
+    if kind == "doom":  # checks its manifest: a world with other parameters is an error
+        return demo_world.build_demo_world(path, seed=config.seed, image_size=tuple(config.data.resize),
+                                           frames_per_walk=config.data.synthetic_frames)
     if not kind or path.exists():
         return path
-    if kind not in SYNTHETIC_DATASETS:
-        raise ValueError(f"unknown config.data.synthetic {kind!r}; available: {SYNTHETIC_DATASETS}")
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     if kind == "cosplace":
@@ -131,16 +135,6 @@ def _results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _save_pictures(out_dir: Path, split, result: evaluate_lib.EvaluationResult, eval_config) -> None:
-    """Prediction images of the first queries, the recall@N plot and the map of top-1 hits."""
-    visualize.save_predictions(out_dir, split, result.predictions,
-                               num_preds=min(eval_config.num_preds_to_save, result.predictions.shape[1]),
-                               only_wrong=eval_config.save_only_wrong_preds,
-                               query_indices=range(min(eval_config.queries_to_save, split.num_queries)))
-    visualize.save_recall_plot(out_dir / "recalls.png", result.recalls)
-    visualize.save_map(out_dir / "map.png", split, result.predictions)
-
-
 def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Evaluates the configured model on config.eval.split; writes workdir/results.json."""
     split = load_split(prepare_dataset(config, (config.eval.split,)), config.eval.split,
@@ -168,7 +162,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             "timings": result.timings,
         }
         if config.eval.num_preds_to_save > 0:
-            _save_pictures(workdir / "predictions" / method, split, result, config.eval)
+            visualize.save_evaluation_pictures(workdir / "predictions" / method, split,
+                                               result.predictions, result.recalls, config.eval,
+                                               title=method)
         if config.eval.save_descriptors:
             evaluate_lib.export_descriptors(
                 workdir / "descriptors" / method, split, result.database_descriptors,
@@ -190,6 +186,14 @@ def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     summary = dataclasses.asdict(profile)
     _write_json(workdir / "profile.json", summary)
     return summary
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """The main job (vgjax.demo): random init vs Places365 vs trained on the ViZDoom world."""
+    results = demo.run(config, workdir, prepare_dataset(config, ("train", "val", "test")))
+    _write_json(workdir / "results.json", results)
+    print(f"Wrote {workdir / 'results.json'}")
+    return results
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: Path) -> dict:

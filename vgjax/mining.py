@@ -353,31 +353,51 @@ def _columns(database_to_embed: np.ndarray, indices: np.ndarray, valid: np.ndarr
     return np.where(valid, positions, -1).astype(np.int32)
 
 
-def _gather_scores(scores: jax.Array, columns: jax.Array) -> jax.Array:
-    values = jnp.take_along_axis(scores, jnp.maximum(columns, 0), axis=1)
-    return jnp.where(columns >= 0, values, jnp.inf)
+def _squared_distances_to_rows(queries: jax.Array, rows: jax.Array) -> jax.Array:
+    """||q - r||^2 minus ||q||^2 (the same order per query), for queries [C, D] and rows
+    [C, M, D] (each query's own rows) or [M, D] (rows shared by all queries) -> [C, M]."""
+    if rows.ndim == 2:
+        products = jnp.dot(queries, rows.T, precision=jax.lax.Precision.HIGHEST)
+    else:
+        products = jnp.einsum("cd,cmd->cm", queries, rows, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(jnp.square(rows), axis=-1) - 2.0 * products
+
+
+def _best_positive(queries: jax.Array, pool: jax.Array, positive_columns: jax.Array) -> jax.Array:
+    """Slot [C] of each query's nearest positive; positive_columns int [C, W] (-1 = padding)."""
+    scores = _squared_distances_to_rows(queries, pool[jnp.maximum(positive_columns, 0)])
+    return jnp.argmin(jnp.where(positive_columns >= 0, scores, jnp.inf), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames="k")
-def _nearest_in_chunk(query_descriptors, pool, pool_sq_norms, positive_columns,
-                      negative_columns, k):
-    """Best positive slot [C] and the k nearest negative slots [C, k] for a chunk of C queries.
-
-    Scores are squared L2 distances minus the query's own squared norm (the same order per
-    query): ||c||^2 - 2 q·c, one matmul against the whole pool.
-    """
-    products = jnp.dot(query_descriptors, pool.T, precision=jax.lax.Precision.HIGHEST)
-    scores = pool_sq_norms[None, :] - 2.0 * products
-    best_positive = jnp.argmin(_gather_scores(scores, positive_columns), axis=1)
-    if negative_columns is None:
-        return best_positive, None
-    _, nearest = jax.lax.top_k(-_gather_scores(scores, negative_columns), k)
-    return best_positive, nearest
+def _nearest_shared(queries, pool, positive_columns, candidate_columns, candidate_mask, k):
+    """Partial mining: every query has the same candidates (candidate_columns int [M]), minus
+    its soft positives (candidate_mask bool [C, M]). Distances to those M rows only.
+    Returns (best positive slot [C], the k nearest candidate slots [C, k])."""
+    scores = _squared_distances_to_rows(queries, pool[candidate_columns])
+    _, nearest = jax.lax.top_k(-jnp.where(candidate_mask, scores, jnp.inf), k)
+    return _best_positive(queries, pool, positive_columns), nearest
 
 
-def _chunk_size(num_queries: int, pool_rows: int) -> int:
-    """A power of two: all queries at once when the [chunk, pool] scores fit _SCORE_BUDGET."""
-    fitting = 1 << max(0, (_SCORE_BUDGET // max(pool_rows, 1)).bit_length() - 1)
+@functools.partial(jax.jit, static_argnames="k")
+def _nearest_per_query(queries, pool, positive_columns, candidate_columns, k):
+    """Full mining: each query has its own candidates (candidate_columns int [C, M], -1 =
+    padding) from the whole pool: one [C, pool] matmul, then a gather.
+    Returns (best positive slot [C], the k nearest candidate slots [C, k])."""
+    scores = _squared_distances_to_rows(queries, pool)
+    scores = jnp.take_along_axis(scores, jnp.maximum(candidate_columns, 0), axis=1)
+    _, nearest = jax.lax.top_k(-jnp.where(candidate_columns >= 0, scores, jnp.inf), k)
+    return _best_positive(queries, pool, positive_columns), nearest
+
+
+@jax.jit
+def _positives_only(queries, pool, positive_columns):
+    return _best_positive(queries, pool, positive_columns), None
+
+
+def _chunk_size(num_queries: int, scores_per_query: int) -> int:
+    """A power of two: all queries at once when the [chunk, scores] matrix fits _SCORE_BUDGET."""
+    fitting = 1 << max(0, (_SCORE_BUDGET // max(scores_per_query, 1)).bit_length() - 1)
     return min(1 << max(0, (num_queries - 1).bit_length()), fitting)
 
 
@@ -386,24 +406,46 @@ def _pad_rows(array, rows: int, fill):
     return (jnp if isinstance(array, jax.Array) else np).pad(array, padding, constant_values=fill)
 
 
-def _nearest(query_descriptors, pool_descriptors, positive_columns, negative_columns, k, pad_pool):
-    """Chunked `_nearest_in_chunk` over all R queries -> (int64 [R], int64 [R, k] or None)."""
-    pool = jnp.asarray(pool_descriptors, dtype=jnp.float32)
+def _as_float32(descriptors):
+    """float32 descriptors, staying on the host (numpy) or on the device (jax) as given."""
+    if isinstance(descriptors, jax.Array):
+        return descriptors.astype(jnp.float32)
+    return np.asarray(descriptors, dtype=np.float32)
+
+
+def _nearest(query_descriptors, pool_descriptors, positive_columns, k, *, shared_columns=None,
+             shared_mask=None, per_query_columns=None, pad_pool=True):
+    """Chunked nearest positive / negatives of all R queries -> (int64 [R], int64 [R, k] or None).
+
+    Negative candidates are either `shared_columns` [M] + `shared_mask` [R, M] (partial mining),
+    or `per_query_columns` [R, M] (full mining), or neither (positives only).
+    """
+    # Padding happens before the transfer: on host arrays it costs no compilation per shape.
+    pool = _as_float32(pool_descriptors)
     if pad_pool:
         pool = _pad_rows(pool, -(-pool.shape[0] // _POOL_ROW_MULTIPLE) * _POOL_ROW_MULTIPLE, 0.0)
-    pool_sq_norms = jnp.sum(jnp.square(pool), axis=1)
+    pool = jnp.asarray(pool)
     num_queries = query_descriptors.shape[0]
-    chunk = _chunk_size(num_queries, pool.shape[0])
+    scores_per_query = pool.shape[0] if per_query_columns is not None else max(
+        positive_columns.shape[1], 0 if shared_columns is None else len(shared_columns))
+    chunk = _chunk_size(num_queries, scores_per_query)
     rows = -(-num_queries // chunk) * chunk
-    queries = _pad_rows(jnp.asarray(query_descriptors, dtype=jnp.float32), rows, 0.0)
+    queries = jnp.asarray(_pad_rows(_as_float32(query_descriptors), rows, 0.0))
     positive_columns = _pad_rows(positive_columns, rows, -1)
-    negative_columns = None if negative_columns is None else _pad_rows(negative_columns, rows, -1)
-    results = [  # dispatched asynchronously, read back once at the end
-        _nearest_in_chunk(queries[part], pool, pool_sq_norms, positive_columns[part],
-                          None if negative_columns is None else negative_columns[part], k)
-        for part in (slice(start, start + chunk) for start in range(0, rows, chunk))]
+    if shared_columns is not None:
+        mask = _pad_rows(shared_mask, rows, False)
+        kernel = lambda part: _nearest_shared(queries[part], pool, positive_columns[part],  # noqa: E731
+                                              shared_columns, mask[part], k)
+    elif per_query_columns is not None:
+        columns = _pad_rows(per_query_columns, rows, -1)
+        kernel = lambda part: _nearest_per_query(queries[part], pool, positive_columns[part],  # noqa: E731
+                                                 columns[part], k)
+    else:
+        kernel = lambda part: _positives_only(queries[part], pool, positive_columns[part])  # noqa: E731
+    # Dispatched asynchronously, read back once at the end.
+    results = [kernel(slice(start, start + chunk)) for start in range(0, rows, chunk)]
     best = np.concatenate([np.asarray(b) for b, _ in results])[:num_queries].astype(np.int64)
-    if negative_columns is None:
+    if results[0][1] is None:
         return best, None
     nearest = np.concatenate([np.asarray(n) for _, n in results])[:num_queries]
     return best, nearest.astype(np.int64)
@@ -439,11 +481,16 @@ def select_triplets(plan: MiningPlan, queries: TrainingQueries, query_descriptor
     width = int(queries.hard_positives.counts().max())
     hard = _padded_rows(queries.hard_positives, plan.queries, width)
     positive_columns = _columns(plan.database_to_embed, hard, hard >= 0)
-    negative_columns = None
-    if plan.candidates is not None:
-        negative_columns = _columns(plan.database_to_embed, plan.candidates, plan.candidate_mask)
+    candidates = {}
+    if plan.sampled_database is not None:  # one candidate row shared by all queries
+        candidates = dict(shared_columns=_columns(plan.database_to_embed, plan.sampled_database,
+                                                  np.ones(len(plan.sampled_database), bool)),
+                          shared_mask=plan.candidate_mask)
+    elif plan.candidates is not None:
+        candidates = dict(per_query_columns=_columns(plan.database_to_embed, plan.candidates,
+                                                     plan.candidate_mask))
     best, nearest = _nearest(query_descriptors, database_descriptors, positive_columns,
-                             negative_columns, negs_num_per_query, pad_pool=plan.method != "full")
+                             negs_num_per_query, pad_pool=plan.method != "full", **candidates)
     if nearest is None:
         negatives = plan.negatives
     else:

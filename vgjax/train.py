@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from vgjax import checkpoint, evaluate, mining, profiling, sharding, train_step
+from vgjax import checkpoint, evaluate, mining, profiling, sharding, train_step, visualize
 from vgjax.data import augment, pipeline
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.metrics import MetricWriter
@@ -239,6 +239,9 @@ def _test_best(run: _Run, data: RoundData, progress: Progress) -> dict:
     test_split = load_split(run.dataset_dir, "test", config.data.val_positive_dist_threshold)
     result = run.evaluate(test_split, config.eval.test_method)
     print(f"Recalls on test set {test_split.folder} ({config.eval.test_method}): {result}")
+    if config.eval.num_preds_to_save > 0:
+        visualize.save_evaluation_pictures(run.workdir / "predictions", test_split, result.predictions,
+                                           result.recalls, config.eval, title="trained")
     run.checkpoints.close()
     run.metrics.close()
     params = run.state.params

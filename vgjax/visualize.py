@@ -242,7 +242,7 @@ def save_recall_plot(path: str | os.PathLike,
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
     if len(runs) > 1:
-        axes.legend(loc="lower right")
+        axes.legend(loc="best")
     return _save(figure, path)
 
 
@@ -276,6 +276,21 @@ def save_map(path: str | os.PathLike, split: Split, predictions: np.ndarray, *,
                    f"({int(correct.sum())}/{len(correct)} queries)")
     figure.legend(loc="outside lower center", ncol=3, markerscale=1.5)
     return _save(figure, path)
+
+
+def save_evaluation_pictures(out_dir: str | os.PathLike, split: Split, predictions: np.ndarray,
+                             recalls: Mapping[int, float], eval_config, *, title: str = "") -> Path:
+    """What `eval.num_preds_to_save > 0` asks for: prediction rows of the first
+    `eval.queries_to_save` queries (only the wrong ones with `eval.save_only_wrong_preds`),
+    `recalls.png` and `map.png`, all in out_dir."""
+    out_dir = Path(out_dir)
+    save_predictions(out_dir, split, predictions,
+                     num_preds=min(eval_config.num_preds_to_save, predictions.shape[1]),
+                     only_wrong=eval_config.save_only_wrong_preds,
+                     query_indices=range(min(eval_config.queries_to_save, split.num_queries)))
+    save_recall_plot(out_dir / "recalls.png", recalls, title=f"{title}: Recall@N" if title else "Recall@N")
+    save_map(out_dir / "map.png", split, predictions, title=title or None)
+    return out_dir
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> Path:

@@ -86,7 +86,10 @@ def _start_game(wad: str, doom_map: str, seed: int, config_dir: str):
     game.set_screen_resolution(vzd.ScreenResolution.RES_320X240)
     game.set_screen_format(vzd.ScreenFormat.RGB24)
     game.set_window_visible(False)
-    for hide in (game.set_render_hud, game.set_render_weapon, game.set_render_crosshair):
+    # Nothing but the world: no HUD, weapon, crosshair, messages ("blue key needed for this
+    # door" would otherwise appear on frames of unrelated places) or pick-up flashes.
+    for hide in (game.set_render_hud, game.set_render_weapon, game.set_render_crosshair,
+                 game.set_render_messages, game.set_render_screen_flashes):
         hide(False)
     game.set_available_buttons([vzd.Button.MOVE_FORWARD, vzd.Button.USE, vzd.Button.TURN_LEFT_RIGHT_DELTA])
     game.set_available_game_variables(
@@ -201,7 +204,8 @@ def build_demo_world(root: str | os.PathLike, *, seed: int = 0, frames_per_walk:
     parameters = {"seed": seed, "frames_per_walk": frames_per_walk, "image_size": list(image_size),
                   "splits": splits, "wad": wad, "map_unit_m": MAP_UNIT_M,
                   "tics_per_frame": TICS_PER_FRAME, "turn_probability": TURN_PROBABILITY,
-                  "query_segment_frames": QUERY_SEGMENT_FRAMES, "night_gain": NIGHT_GAIN.tolist()}
+                  "query_segment_frames": QUERY_SEGMENT_FRAMES, "night_gain": NIGHT_GAIN.tolist(),
+                  "overlays": "none"}
     manifest = root / MANIFEST
     if root.exists():
         if manifest.is_file() and json.loads(manifest.read_text()) == parameters:

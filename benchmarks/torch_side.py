@@ -1,0 +1,128 @@
+"""The torch side of the side-by-side benchmarks: the benchmark's networks, built in torch.
+
+Uses the independent torch implementations the parity tests check vgjax against
+(tests/torch_reference.py; torchvision backbones through tests/torch_helpers.py's import shim),
+so "the same architecture" is the one whose outputs vgjax reproduces. Torch runs eager, in
+channels-last memory format, with as many threads as XLA uses (the CPU affinity mask).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from torch_helpers import import_torchvision  # noqa: E402
+from torch_reference import BenchmarkNet, CCTBackbone, benchmark_aggregation  # noqa: E402
+
+from vgjax.models import geoloc_net  # noqa: E402
+
+MEAN = torch.tensor(geoloc_net.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+STD = torch.tensor(geoloc_net.IMAGENET_STD).view(1, 3, 1, 1) * 255
+
+
+def use_xla_threads() -> int:
+    """Gives torch the threads XLA:CPU uses (every CPU in the affinity mask); returns the count."""
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def backbone(name: str) -> nn.Module:
+    """The benchmark's truncated backbone: ResNet conv4/conv5 children, VGG16/AlexNet features
+    without the last ReLU and pool, or the full-depth CCT-14/7x2 returning tokens."""
+    if name.startswith("resnet"):
+        model = getattr(import_torchvision().models, name[:name.index("conv")])()
+        return nn.Sequential(*list(model.children())[:-3 if name.endswith("conv4") else -2])
+    if name in ("vgg16", "alexnet"):
+        return nn.Sequential(*list(getattr(import_torchvision().models, name)().features.children())[:-2])
+    if name == "cct384":
+        return CCTBackbone("tokens")
+    raise ValueError(f"no torch side for backbone {name!r}")
+
+
+def network(model_config) -> nn.Module:
+    """The benchmark's network for a vgjax model config (random weights)."""
+    spec = geoloc_net.backbone_spec(model_config.backbone)
+    head = benchmark_aggregation(model_config.aggregation, model_config.l2, spec.channels,
+                                 model_config.netvlad_clusters,
+                                 tokens=model_config.backbone in geoloc_net.TOKEN_BACKBONES)
+    return BenchmarkNet(backbone(model_config.backbone), head)
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC numpy -> uint8 NCHW tensor in channels-last memory (no copy of the pixels)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float() - MEAN) / STD).contiguous(memory_format=torch.channels_last)
+
+
+def time_inference(net: nn.Module, images: np.ndarray, iterations: int, bfloat16: bool = False) -> dict:
+    """Median seconds per batch of eager inference (normalization included), after one warm-up."""
+    net = net.eval().to(memory_format=torch.channels_last)
+    batch = to_input(images)
+
+    def forward():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            return net(normalize(batch))
+
+    forward()
+    times = []
+    for _ in range(iterations):
+        tick = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - tick)
+    seconds = float(np.median(times))
+    return {"ms_per_image": 1000 * seconds / len(images), "images_per_second": len(images) / seconds}
+
+
+def freeze_like_the_benchmark(net: nn.Module, backbone_name: str) -> None:
+    """train_all_layers=False: a ResNet's children before layer3 get requires_grad=False (their
+    BatchNorm statistics still update in train mode, as in the benchmark)."""
+    if not backbone_name.startswith("resnet"):
+        raise ValueError(f"the torch train step covers ResNets; got {backbone_name}")
+    for child in list(net.backbone.children())[:6]:  # conv1, bn1, relu, maxpool, layer1, layer2
+        for param in child.parameters():
+            param.requires_grad = False
+
+
+def time_train_step(net: nn.Module, images: np.ndarray, tuples: int, negs: int, iterations: int,
+                    margin: float = 0.1, lr: float = 1e-5) -> dict:
+    """The benchmark's training step on one batch of `tuples` x (query, positive, negs
+    negatives), tuple-major: forward in train mode, TripletMarginLoss(sum) / (tuples * negs),
+    backward, Adam. Median seconds per step after one warm-up step."""
+    net = net.train().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    criterion = nn.TripletMarginLoss(margin=margin, p=2, reduction="sum")
+    batch = to_input(images)
+
+    def step():
+        features = net(normalize(batch)).view(tuples, 2 + negs, -1)
+        dim = features.shape[-1]
+        query = features[:, :1].expand(-1, negs, -1).reshape(-1, dim)
+        positive = features[:, 1:2].expand(-1, negs, -1).reshape(-1, dim)
+        loss = criterion(query, positive, features[:, 2:].reshape(-1, dim)) / (tuples * negs)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    tick = time.perf_counter()
+    step()
+    first = time.perf_counter() - tick
+    times = []
+    for _ in range(iterations):
+        tick = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tick)
+    seconds = float(np.median(times))
+    return {"seconds_per_step": seconds, "images_per_second": len(images) / seconds,
+            "triplets_per_second": tuples * negs / seconds, "first_step_seconds": first}

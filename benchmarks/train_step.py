@@ -1,0 +1,137 @@
+"""Training step throughput: vgjax's jitted step against the benchmark's torch step, same run.
+
+  python benchmarks/train_step.py --torch            # 480x640, ResNet-18 conv4 + GeM, 4 x (1+1+10)
+  python benchmarks/train_step.py --quick --torch    # 120x160: < 2 minutes
+  python benchmarks/train_step.py --backbone resnet50conv4 --aggregation netvlad --torch
+  python benchmarks/train_step.py --cosplace         # CosPlace's step: 32 x 512x512, GeM + FC 512
+
+One step = forward in train mode, triplet loss, backward, Adam, on the reference batch of
+`train_batch_size` (4) tuples of (query, positive, 10 negatives) = 48 images, with the stages
+the benchmark freezes (train_all_layers=False: a ResNet's layers before layer3) frozen: no
+gradients, BatchNorm statistics still updating. Reports seconds/step, images/s and triplets/s
+(tuples x negatives per second) after compilation (median of the timed steps), the first step
+(compile + run), XLA's train-step GFLOPs and GFLOP/s. --torch times the benchmark's torch
+step (eager, channels-last, same threads) on the same images; ratio = vgjax images/s / torch's.
+Prints a table and writes benchmarks/results/train_step.json. Weights are random.
+"""
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for configs/
+
+import vgjax  # noqa: E402,F401  (sets vgjax's XLA CPU flags before jax starts)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from configs import common, cosplace_resnet18_512  # noqa: E402
+from vgjax import losses, train_cosplace, train_step  # noqa: E402
+from vgjax.data import augment  # noqa: E402
+from vgjax.models import geoloc_net  # noqa: E402
+
+
+def _timed(step, args, iterations: int) -> tuple[float, float]:
+    """(first call seconds, median seconds of `iterations` more calls); step returns new args."""
+    times = []
+    for _ in range(iterations + 1):
+        tick = time.perf_counter()
+        args = step(*args)
+        jax.block_until_ready(args)
+        times.append(time.perf_counter() - tick)
+    return times[0], float(np.median(times[1:]))
+
+
+def time_vgjax_step(config, images: np.ndarray, iterations: int) -> dict:
+    size = images.shape[1:3]
+    model = geoloc_net.build(config.model, size)
+    state, tx = train_step.create_state(config, geoloc_net.init_variables(model, size), seed=0)
+    tuple_size = 2 + config.mining.negs_num_per_query
+    step = train_step.make_train_step(model, tx, train_step.StepConfig(
+        tuple_size, config.train.criterion, config.train.margin, augment.AugmentConfig.from_config(config.train)))
+    flops = step.lower(state, images).compile().cost_analysis()
+    flops = (flops[0] if isinstance(flops, (list, tuple)) else flops).get("flops", float("nan"))
+    first, seconds = _timed(lambda s: (step(s, images)[0],), (state,), iterations)
+    tuples = len(images) // tuple_size
+    return {"seconds_per_step": seconds, "images_per_second": len(images) / seconds,
+            "triplets_per_second": tuples * (tuple_size - 2) / seconds, "first_step_seconds": first,
+            "gflops_per_step": flops / 1e9, "gflops_per_second": flops / 1e9 / seconds}
+
+
+def time_torch_step(config, images: np.ndarray, iterations: int) -> dict:
+    from benchmarks import torch_side  # noqa: PLC0415 (torch is optional)
+
+    torch_side.use_xla_threads()
+    net = torch_side.network(config.model)
+    torch_side.freeze_like_the_benchmark(net, config.model.backbone)
+    negs = config.mining.negs_num_per_query
+    return torch_side.time_train_step(net, images, len(images) // (2 + negs), negs, iterations,
+                                      margin=config.train.margin, lr=config.train.lr)
+
+
+def time_cosplace_step(size, iterations: int, batch_size: int = 32) -> dict:
+    """CosPlace's step: model + a 1000-class CosFace classifier, on-device augmentation."""
+    config = cosplace_resnet18_512.get_config()
+    model = geoloc_net.build(config.model, size)
+    state, tx = train_step.create_state(config, geoloc_net.init_variables(model, size), seed=0)
+    classifier_tx = optax.adam(0.01)
+    weight = losses.cosface_init(jax.random.key(0), 1000, config.model.fc_output_dim)
+    classifier = train_cosplace.Classifier(weight, classifier_tx.init(weight))
+    step = jax.jit(functools.partial(train_cosplace.cosplace_step, model=model, tx=tx, classifier_tx=classifier_tx,
+                                     augmentation=(0.7, 0.7, 0.7, 0.5, 0.5)), donate_argnums=(0, 1))
+    images = np.random.default_rng(0).integers(0, 256, (batch_size, *size, 3), np.uint8)
+    labels = np.arange(batch_size, dtype=np.int32)
+    first, seconds = _timed(lambda s, c: step(s, c, images, labels)[:2], (state, classifier), iterations)
+    return {"seconds_per_step": seconds, "images_per_second": batch_size / seconds, "first_step_seconds": first}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="120x160 images")
+    parser.add_argument("--torch", action="store_true", help="also time the benchmark's torch step")
+    parser.add_argument("--backbone", default="resnet18conv4")
+    parser.add_argument("--aggregation", default="gem")
+    parser.add_argument("--size", type=int, nargs=2, default=None, help="H W")
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--cosplace", action="store_true", help="only CosPlace's train step")
+    parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    args = parser.parse_args()
+    iterations = args.iterations or (2 if args.quick else 3)
+    if args.cosplace:
+        size = tuple(args.size or ((128, 128) if args.quick else (512, 512)))
+        step = time_cosplace_step(size, iterations)
+        print(f"CosPlace step (32 images, {size[0]}x{size[1]}, ResNet-18 + GeM + FC 512): "
+              f"{step['seconds_per_step']:.2f} s/step, {step['images_per_second']:.2f} img/s "
+              f"(first step incl. compile {step['first_step_seconds']:.1f} s)")
+        return
+    config = common.get_config()
+    config.model.backbone, config.model.aggregation = args.backbone, args.aggregation
+    size = tuple(args.size or ((120, 160) if args.quick else (480, 640)))
+    num_images = config.train.train_batch_size * (2 + config.mining.negs_num_per_query)
+    images = np.random.default_rng(0).integers(0, 256, (num_images, *size, 3), np.uint8)
+    results = {"device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d"),
+               "network": f"{args.backbone}+{args.aggregation}", "image_size": size,
+               "images_per_step": num_images, "vgjax": time_vgjax_step(config, images, iterations)}
+    if args.torch:
+        results["torch"] = time_torch_step(config, images, iterations)
+        results["ratio"] = results["vgjax"]["images_per_second"] / results["torch"]["images_per_second"]
+    print(f"train step, {results['network']}, {num_images} images of {size[0]}x{size[1]}:")
+    for name in ("vgjax", "torch"):
+        if name in results:
+            r = results[name]
+            print(f"  {name:<6} {r['seconds_per_step']:7.2f} s/step {r['images_per_second']:7.2f} img/s "
+                  f"{r['triplets_per_second']:7.2f} triplets/s  first step {r['first_step_seconds']:.1f} s")
+    if "ratio" in results:
+        print(f"  ratio vgjax/torch: {results['ratio']:.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
