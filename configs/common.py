@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
         lr_crn_net=5e-4,
         optim="adam",
         checkpoint_every_steps=0,  # also checkpoint inside a mining round every N steps (0: rounds only)
+        profile_steps=0,  # >0: a JAX profiler trace of that many steps into <workdir>/profile
         distributed=False,  # multi-host: jax.distributed.initialize() from the environment
         brightness=0.0,
         contrast=0.0,

@@ -106,3 +106,39 @@ def format_table(profiles: list[Profile]) -> str:
     lines.append(f"({profiles[0].device if profiles else ''}, {size[0] if size else ''}x"
                  f"{size[1] if size else ''}, batch {profiles[0].batch_size if profiles else ''})")
     return "\n".join(lines)
+
+
+class StepTracer:
+    """`train.profile_steps`: a JAX profiler trace of N training steps of this process.
+
+    The trace starts before the second step the process runs (the first one compiles) and
+    stops after N steps, blocking on the last step's output so that its device work is inside
+    the trace. It goes to <log_dir>/plugins/profile/<time>/ (an .xplane.pb and a Chrome
+    .trace.json.gz): open it with TensorBoard's profile plugin or xprof, or the .json.gz in
+    Perfetto (ui.perfetto.dev).
+    """
+
+    def __init__(self, log_dir, num_steps: int, skip_steps: int = 1):
+        if num_steps < 0:
+            raise ValueError(f"train.profile_steps must be >= 0, got {num_steps}")
+        self.log_dir, self.num_steps, self.skip_steps = str(log_dir), num_steps, skip_steps
+        self.steps_seen, self.active = 0, False
+
+    def before_step(self) -> None:
+        if self.num_steps and self.steps_seen == self.skip_steps:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def after_step(self, outputs) -> None:
+        self.steps_seen += 1
+        if self.active and self.steps_seen == self.skip_steps + self.num_steps:
+            self.stop(outputs)
+
+    def stop(self, outputs=None) -> None:
+        """Ends a running trace (also when the run has fewer steps than asked for)."""
+        if not self.active:
+            return
+        jax.block_until_ready(outputs)
+        jax.profiler.stop_trace()
+        self.active = False
+        print(f"Wrote a profiler trace of {self.steps_seen - self.skip_steps} steps to {self.log_dir}")

@@ -86,6 +86,7 @@ class _Run:
             augment=augment.AugmentConfig.from_config(config.train)))
         self.embed_state = train_step.make_state_embed_fn(self.model, self.mesh)
         self.metrics = MetricWriter(workdir)
+        self.tracer = profiling.StepTracer(workdir / "profile", config.train.profile_steps)
 
     def _initialize_netvlad(self, variables):
         paths = self.train_split.database_paths + self.train_split.query_paths
@@ -161,7 +162,9 @@ def _train_round(run: _Run, progress: Progress, data: RoundData, rng: np.random.
     bar = tqdm(total=num_batches, initial=progress.batch, unit="batch",
                desc=f"epoch {progress.epoch} loop {progress.loop}")
     for images in batches:
+        run.tracer.before_step()
         run.state, metrics = run.step_fn(run.state, sharding.shard_batch(images, run.mesh))
+        run.tracer.after_step(metrics)
         loss = train_step.checked_loss(metrics, run.state, f"epoch {progress.epoch}, loop {progress.loop}",
                                        run.workdir / "checkpoints")
         losses.append(loss)
@@ -242,6 +245,7 @@ def _test_best(run: _Run, data: RoundData, progress: Progress) -> dict:
     if config.eval.num_preds_to_save > 0:
         visualize.save_evaluation_pictures(run.workdir / "predictions", test_split, result.predictions,
                                            result.recalls, config.eval, title="trained")
+    run.tracer.stop()
     run.checkpoints.close()
     run.metrics.close()
     params = run.state.params

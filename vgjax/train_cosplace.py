@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from vgjax import checkpoint, cosplace, evaluate, losses, sharding, train_step
+from vgjax import checkpoint, cosplace, evaluate, losses, profiling, sharding, train_step
 from vgjax.data import augment, pipeline
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.metrics import MetricWriter
@@ -138,6 +138,7 @@ class _Run:
         self.val_split = _load_folder(cfg.val_folder, config.data.val_positive_dist_threshold)
         self.checkpoints = checkpoint.Checkpoints(workdir / "checkpoints")
         self.metrics = MetricWriter(workdir)
+        self.tracer = profiling.StepTracer(workdir / "profile", config.train.profile_steps)
 
     def evaluate(self, split: Split) -> evaluate.EvaluationResult:
         return evaluate.evaluate(lambda images: self.embed_state(self.state, images), split,
@@ -181,8 +182,10 @@ def _train_epoch(run: _Run, progress: Progress) -> None:
     losses_seen, first_done = [], None
     for images in batches:
         step_labels = labels[progress.step * cfg.batch_size:(progress.step + 1) * cfg.batch_size]
+        run.tracer.before_step()
         run.state, classifier, metrics = run.step_fn(run.state, classifier, sharding.shard_batch(images, run.mesh),
                                                      sharding.shard_batch(step_labels, run.mesh))
+        run.tracer.after_step(metrics)
         loss = train_step.checked_loss(metrics, run.state, f"epoch {progress.epoch}",
                                        run.workdir / "checkpoints")
         losses_seen.append(loss)
@@ -223,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict
                               cfg.test_queries_folder)
     result = run.evaluate(test_split)
     print(f"Recalls on test set {cfg.test_folder} ({cfg.test_queries_folder}): {result}")
+    run.tracer.stop()
     run.checkpoints.close()
     run.metrics.close()
     rates = progress.train_images_per_second
