@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
         resize=(480, 640),  # H, W for training and inference
         infer_batch_size=16,
         num_workers=2,  # host threads decoding images
+        packed_folder="",  # training reads the train split packed at `resize` here (mode pack; vgjax.data.packed)
         val_positive_dist_threshold=25.0,  # metres: val/test positives, train soft positives
         train_positives_dist_threshold=10.0,  # metres: train hard positives
     ))

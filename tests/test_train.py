@@ -183,15 +183,22 @@ def _final_state(workdir):
 
 
 @pytest.mark.slow
-def test_training_end_to_end_killed_and_resumed_equals_uninterrupted(tmp_path):
+def test_training_end_to_end_packed_killed_and_resumed_equals_uninterrupted(tmp_path):
     datasets = tmp_path / "datasets"
     straight = subprocess.run(_launch(tmp_path / "straight", datasets), cwd=REPO, capture_output=True,
                               text=True, timeout=900)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    # Same command, killed (SIGKILL, no clean-up) once the second checkpoint exists: mid-epoch,
-    # two steps into the first round's second half.
+    # The train split packed (mode pack): the images are already 64x64, so the packed JPEGs are
+    # the files themselves and training on them must give the same result.
+    packed = ["--config.data.packed_folder=" + str(tmp_path / "packed")]
+    pack = subprocess.run(_launch(tmp_path / "pack", datasets, *packed, "--mode", "pack"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert pack.returncode == 0, pack.stderr[-3000:]
+    assert (tmp_path / "packed" / "aerial_smoke-train-64x64" / "manifest.json").exists()
+    # Same command on the packed split, killed (SIGKILL, no clean-up) once the second checkpoint
+    # exists: mid-epoch, two steps into the first round's second half.
     workdir = tmp_path / "killed"
-    process = subprocess.Popen(_launch(workdir, datasets), cwd=REPO, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_launch(workdir, datasets, *packed), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (workdir / "checkpoints" / "last" / "2").exists():
@@ -199,7 +206,8 @@ def test_training_end_to_end_killed_and_resumed_equals_uninterrupted(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run(_launch(workdir, datasets), cwd=REPO, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(_launch(workdir, datasets, *packed), cwd=REPO, capture_output=True, text=True,
+                             timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _final_state(tmp_path / "straight"), _final_state(workdir)
     assert int(a["step"]) == int(b["step"]) == 16

@@ -338,16 +338,19 @@ class EmbedTiming:
 
 def embed_images(embed_fn: EmbedFn, paths: Sequence[str], transform: pipeline.ImageTransform,
                  batch_size: int, *, desc: str = "embedding", progress: bool = True,
-                 num_threads: int = 2) -> tuple[np.ndarray, EmbedTiming]:
+                 num_threads: int = 2, loader: pipeline.ImageLoader | None = None
+                 ) -> tuple[np.ndarray, EmbedTiming]:
     """Descriptors of images: float32 [N * crops, D] (crops = 5 for five-crop transforms).
 
-    Every batch handed to `embed_fn` has the same shape (the last is zero-padded).
+    Every batch handed to `embed_fn` has the same shape (the last is zero-padded). `loader`
+    (path -> uint8 image) replaces decoding the files, e.g. a packed split's.
     """
     timing = EmbedTiming(images=len(paths))
     rows: list[np.ndarray] = []
     start = time.perf_counter()
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
-    for batch in pipeline.inference_batches(paths, transform, batch_size, num_threads=num_threads):
+    for batch in pipeline.inference_batches(paths, transform, batch_size, num_threads=num_threads,
+                                            loader=loader):
         images = batch.images
         crops = images.shape[1] if images.ndim == 5 else 1
         tick = time.perf_counter()

@@ -7,6 +7,8 @@ Modes:
   train: triplet training with mining, validation each epoch, early stopping and exact resume
     from the workdir's checkpoints; then the best network is tested (vgjax.train).
   train_cosplace: CosPlace's CosFace training over groups of classes (vgjax.train_cosplace).
+  pack: packs the train split at config.data.resize into config.data.packed_folder
+    (array_record shards, vgjax.data.packed), which training then reads instead of the JPEGs.
   profile: parameters, size, FLOPs, descriptor dim and extraction speed of the configured
     network at config.data.resize (the paper's Table 3 columns), printed and in profile.json.
 """
@@ -23,11 +25,11 @@ import ml_collections
 
 from vgjax import baselines, demo, profiling, sharding, train, train_cosplace, visualize
 from vgjax import evaluate as evaluate_lib
-from vgjax.data import demo_world, synthetic
+from vgjax.data import demo_world, packed, synthetic
 from vgjax.data.vg_folder import load_split
 from vgjax.models import geoloc_net, pretrained
 
-MODES = ("demo", "train", "train_cosplace", "eval", "profile")
+MODES = ("demo", "train", "train_cosplace", "eval", "profile", "pack")
 BASELINES = ("tiny_image",)
 SYNTHETIC_DATASETS = ("aerial", "cosplace", "doom")
 
@@ -43,7 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     if config.train.distributed:
         sharding.initialize_distributed()
     runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace,
-            "eval": run_eval, "profile": run_profile}
+            "eval": run_eval, "profile": run_profile, "pack": run_pack}
     return runs[mode](config, workdir)
 
 
@@ -194,6 +196,20 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     _write_json(workdir / "results.json", results)
     print(f"Wrote {workdir / 'results.json'}")
     return results
+
+
+def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Packs the train split for training (see vgjax.train.packed_train_loader)."""
+    folder = train.packed_train_folder(config)
+    if folder is None:
+        raise ValueError("mode pack needs --config.data.packed_folder=DIR")
+    dataset_dir = prepare_dataset(config, ("train", "val", "test"))
+    split = load_split(dataset_dir, "train", config.data.val_positive_dist_threshold)
+    train.packed_train_loader(config, dataset_dir, split)  # packs if missing, then validates
+    summary = {"packed": str(folder), "manifest": json.loads((folder / packed.MANIFEST).read_text())}
+    _write_json(workdir / "results.json", summary)
+    print(f"Packed {split.folder} at {tuple(config.data.resize)} into {folder}")
+    return summary
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: Path) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vgjax import checkpoint, evaluate, mining, profiling, sharding, train_step, visualize
-from vgjax.data import augment, pipeline
+from vgjax.data import augment, packed, pipeline
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.metrics import MetricWriter
 from vgjax.models import geoloc_net, pretrained
@@ -73,6 +73,7 @@ class _Run:
         if dropped:
             print(f"{dropped} training queries have no positive within "
                   f"{data.train_positives_dist_threshold:g} m and are not used")
+        self.train_loader = packed_train_loader(config, dataset_dir, self.train_split)
         self.checkpoints = checkpoint.Checkpoints(workdir / "checkpoints")
         self.model, variables = pretrained.build_and_load(config.model, self.image_size, config.seed)
         if (config.model.aggregation in ("netvlad", "crn") and not config.model.resume
@@ -108,6 +109,29 @@ class _Run:
                                  num_threads=config.data.num_workers)
 
 
+def packed_train_folder(config: ml_collections.ConfigDict) -> Path | None:
+    """Where data.packed_folder keeps the train split packed at data.resize, or None."""
+    if not config.data.packed_folder:
+        return None
+    height, width = config.data.resize
+    return Path(config.data.packed_folder) / f"{config.data.dataset_name}-train-{height}x{width}"
+
+
+def packed_train_loader(config: ml_collections.ConfigDict, dataset_dir: Path, split: Split):
+    """With data.packed_folder: the train split's images read from its packed form (vgjax.data.packed),
+    packed first if missing (single-process runs); else None (decode the JPEGs)."""
+    folder = packed_train_folder(config)
+    if folder is None:
+        return None
+    if not folder.exists():
+        if jax.process_count() > 1:
+            raise FileNotFoundError(f"{folder} does not exist; pack it once before a multi-host run: "
+                                    "python launch.py --config ... --mode pack")
+        packed.pack_split(dataset_dir, "train", folder, tuple(config.data.resize),
+                          num_threads=config.data.num_workers)
+    return packed.open_packed(folder, tuple(config.data.resize)).loader(split)
+
+
 def _mine_round(run: _Run, rng: np.random.Generator, neg_cache: np.ndarray, weights) -> np.ndarray:
     """One mining round: plan, embed what the plan needs, select tuples (global indices)."""
     config, split = run.config, run.train_split
@@ -119,9 +143,10 @@ def _mine_round(run: _Run, rng: np.random.Generator, neg_cache: np.ndarray, weig
     transform = evaluate.query_transform("hard_resize", run.image_size)
     batch = config.data.infer_batch_size
     database, _ = evaluate.embed_images(run.embed_fn, [split.database_paths[i] for i in plan.database_to_embed],
-                                        transform, batch, desc="caching database")
+                                        transform, batch, desc="caching database", loader=run.train_loader)
     query_paths = [split.query_paths[run.queries.query_indices[i]] for i in plan.queries]
-    queries, _ = evaluate.embed_images(run.embed_fn, query_paths, transform, batch, desc="caching queries")
+    queries, _ = evaluate.embed_images(run.embed_fn, query_paths, transform, batch, desc="caching queries",
+                                       loader=run.train_loader)
     tuples = mining.select_triplets(plan, run.queries, queries, database, config.mining.negs_num_per_query)
     if config.mining.mining == "full":
         neg_cache[:] = mining.update_neg_cache(neg_cache, plan, tuples)
@@ -157,7 +182,7 @@ def _train_round(run: _Run, progress: Progress, data: RoundData, rng: np.random.
     batches = pipeline.triplet_batches(
         _tuple_paths(run.train_split, data.tuples), per_batch, run.image_size,
         start_batch=progress.batch, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_threads=config.data.num_workers)
+        process_count=jax.process_count(), num_threads=config.data.num_workers, loader=run.train_loader)
     losses, first_done = [], None
     bar = tqdm(total=num_batches, initial=progress.batch, unit="batch",
                desc=f"epoch {progress.epoch} loop {progress.loop}")

@@ -7,6 +7,10 @@ a jit-compiled embed function sees one shape for a whole split.
 Triplets: the images of query tuples (query, positive, negatives), tuple-major, resized to the
 training size on host and shipped as uint8; augmentation and normalization run on device.
 Batches are a pure function of (tuples, batch index), so training resumes at any batch.
+
+Both read images through a `loader` (path -> uint8 [H, W, 3]): by default the image file is
+decoded; `vgjax.data.packed.PackedSplit.loader()` reads the same paths from a packed split
+instead (images stored at the training size, so the resize to it is a no-op).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from vgjax.data import images as image_ops
 
 ImageTransform = Callable[[np.ndarray], np.ndarray]
+ImageLoader = Callable[[str], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +38,12 @@ class InferenceBatch:
 
 
 class _DecodeAndTransform(grain.transforms.Map):
-    def __init__(self, transform: ImageTransform):
+    def __init__(self, transform: ImageTransform, loader: ImageLoader | None):
         self._transform = transform
+        self._loader = loader or image_ops.load_rgb
 
     def map(self, path: str) -> np.ndarray:
-        return self._transform(image_ops.load_rgb(path))
+        return self._transform(self._loader(path))
 
 
 def _pad_to(batch: np.ndarray, batch_size: int) -> np.ndarray:
@@ -48,7 +54,8 @@ def _pad_to(batch: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def inference_batches(paths: Sequence[str], transform: ImageTransform, batch_size: int, *,
-                      num_threads: int = 2, prefetch: int = 4) -> Iterator[InferenceBatch]:
+                      num_threads: int = 2, prefetch: int = 4,
+                      loader: ImageLoader | None = None) -> Iterator[InferenceBatch]:
     """Yields the images of `paths`, in order, as fixed-size batches.
 
     Args:
@@ -58,12 +65,13 @@ def inference_batches(paths: Sequence[str], transform: ImageTransform, batch_siz
       batch_size: rows per batch; the last batch is zero-padded to this size.
       num_threads: host threads decoding in parallel (2 suits a 2-core machine).
       prefetch: batches' worth of images decoded ahead.
+      loader: path -> uint8 [H, W, 3]; default `images.load_rgb` (decodes the file).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dataset = (
         grain.MapDataset.source(list(paths))
-        .map(_DecodeAndTransform(transform))
+        .map(_DecodeAndTransform(transform, loader))
         .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                            prefetch_buffer_size=prefetch * batch_size))
         .batch(batch_size, drop_remainder=False)
@@ -80,7 +88,8 @@ def _resize_for_training(image: np.ndarray, size: tuple[int, int]) -> np.ndarray
 
 def triplet_batches(tuples: Sequence[Sequence[str]], tuples_per_batch: int, image_size: tuple[int, int],
                     *, start_batch: int = 0, process_index: int = 0, process_count: int = 1,
-                    num_threads: int = 2, prefetch: int = 2) -> Iterator[np.ndarray]:
+                    num_threads: int = 2, prefetch: int = 2,
+                    loader: ImageLoader | None = None) -> Iterator[np.ndarray]:
     """Yields uint8 [tuples_per_batch / process_count * T, H, W, 3] batches of query tuples.
 
     Args:
@@ -91,6 +100,7 @@ def triplet_batches(tuples: Sequence[Sequence[str]], tuples_per_batch: int, imag
       start_batch: the first batch to yield (to resume inside a round).
       process_index, process_count: multi-host; each process loads its contiguous share of
         every global batch, so the global batch is the same as on one host.
+      loader: path -> uint8 [H, W, 3]; default `images.load_rgb` (decodes the file).
     """
     if tuples_per_batch % process_count:
         raise ValueError(f"train_batch_size {tuples_per_batch} is not divisible by the "
@@ -106,7 +116,7 @@ def triplet_batches(tuples: Sequence[Sequence[str]], tuples_per_batch: int, imag
     tuple_size = len(tuples[0])
     dataset = (
         grain.MapDataset.source(paths)
-        .map(_DecodeAndTransform(functools.partial(_resize_for_training, size=tuple(image_size))))
+        .map(_DecodeAndTransform(functools.partial(_resize_for_training, size=tuple(image_size)), loader))
         .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                            prefetch_buffer_size=prefetch * local * tuple_size))
         .batch(local * tuple_size, drop_remainder=True)
