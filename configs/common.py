@@ -86,6 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
         save_descriptors=False,  # write .npy descriptors + CSV/JSON into <workdir>/descriptors
         num_preds_to_save=0,  # >0: pictures of queries and their top-N predictions, a recall plot, a map
         save_only_wrong_preds=False,  # pictures only of queries whose top-1 is wrong
-        queries_to_save=20,  # how many queries (the first ones) get a picture
+        queries_to_save=20,  # how many queries (evenly spread over the split) get a picture
     ))
     return config

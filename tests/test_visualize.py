@@ -145,3 +145,9 @@ def test_map_colours_queries_by_top1(split, tmp_path):
     assert colour_pixels(path, visualize.CORRECT_RGB) > 20
     assert colour_pixels(path, visualize.WRONG_RGB) > 40
     np.testing.assert_array_equal(visualize.top1_correct(split, PREDICTIONS), [True, False, False])
+
+
+@pytest.mark.parametrize("total, count, expected", [
+    (100, 2, [0, 99]), (60, 3, [0, 30, 59]), (5, 10, [0, 1, 2, 3, 4]), (7, 1, [0]), (7, 0, [])])
+def test_spread_indices(total, count, expected):
+    assert visualize.spread_indices(total, count).tolist() == expected

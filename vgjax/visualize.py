@@ -278,16 +278,26 @@ def save_map(path: str | os.PathLike, split: Split, predictions: np.ndarray, *,
     return _save(figure, path)
 
 
+def spread_indices(total: int, count: int) -> np.ndarray:
+    """`count` distinct indices evenly spread over range(total), starting at 0."""
+    return np.unique(np.linspace(0, total - 1, count).round().astype(int)) if count > 0 else np.zeros(0, int)
+
+
 def save_evaluation_pictures(out_dir: str | os.PathLike, split: Split, predictions: np.ndarray,
                              recalls: Mapping[int, float], eval_config, *, title: str = "") -> Path:
-    """What `eval.num_preds_to_save > 0` asks for: prediction rows of the first
-    `eval.queries_to_save` queries (only the wrong ones with `eval.save_only_wrong_preds`),
-    `recalls.png` and `map.png`, all in out_dir."""
+    """What `eval.num_preds_to_save > 0` asks for: prediction rows of `eval.queries_to_save`
+    queries spread evenly over the split (only the wrong ones with `eval.save_only_wrong_preds`),
+    `recalls.png` and `map.png`, all in out_dir.
+
+    Spread, not the first ones: datasets list their queries in capture order, so the first
+    queries usually show one street (or one room) only.
+    """
     out_dir = Path(out_dir)
+    count = min(eval_config.queries_to_save, split.num_queries)
     save_predictions(out_dir, split, predictions,
                      num_preds=min(eval_config.num_preds_to_save, predictions.shape[1]),
                      only_wrong=eval_config.save_only_wrong_preds,
-                     query_indices=range(min(eval_config.queries_to_save, split.num_queries)))
+                     query_indices=spread_indices(split.num_queries, count))
     save_recall_plot(out_dir / "recalls.png", recalls, title=f"{title}: Recall@N" if title else "Recall@N")
     save_map(out_dir / "map.png", split, predictions, title=title or None)
     return out_dir
