@@ -92,8 +92,17 @@ class Index:
 
     @property
     def nbytes(self) -> int:
-        """Size in bytes of the serialized index (codes + structures)."""
-        return len(faiss.serialize_index(self.faiss_index))
+        """Size in bytes of the serialized index (codes + structures), counted as faiss writes
+        it, so no copy of the index is made (a 1M x 1024 flat index is 4 GB)."""
+        total = 0
+
+        def count(chunk: bytes) -> int:
+            nonlocal total
+            total += len(chunk)
+            return len(chunk)
+
+        faiss.write_index(self.faiss_index, faiss.PyCallbackIOWriter(count))
+        return total
 
 
 def build_index(
