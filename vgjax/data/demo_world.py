@@ -12,8 +12,9 @@ embedded demo runs the same loading code as Pitts30k.
 - Walks are random exploration with the game's physics: walk forward (pressing USE, which opens
   doors), turn by up to +-60 degrees with probability TURN_PROBABILITY per frame, and turn round
   by 90..180 degrees when blocked. A frame is taken every TICS_PER_FRAME game tics (~5 m apart
-  when walking freely). Monsters are off. Deterministic given `seed`: the game seed is fixed and
-  all decisions come from one numpy Generator.
+  when walking freely). Monsters are off; the player holds every key, so locked doors open too.
+  Deterministic given `seed`: the game seed is fixed and all decisions come from one numpy
+  Generator.
 
 Scale: MAP_UNIT_M = 0.25 m per map unit, so 25 m (positives) = 100 units and 10 m (hard
 positives) = 40 units. Doom rooms are a few hundred units across, so a query's positives are the
@@ -86,8 +87,7 @@ def _start_game(wad: str, doom_map: str, seed: int, config_dir: str):
     game.set_screen_resolution(vzd.ScreenResolution.RES_320X240)
     game.set_screen_format(vzd.ScreenFormat.RGB24)
     game.set_window_visible(False)
-    # Nothing but the world: no HUD, weapon, crosshair, messages ("blue key needed for this
-    # door" would otherwise appear on frames of unrelated places) or pick-up flashes.
+    # Nothing but the world: no HUD, weapon, crosshair, messages or pick-up flashes.
     for hide in (game.set_render_hud, game.set_render_weapon, game.set_render_crosshair,
                  game.set_render_messages, game.set_render_screen_flashes):
         hide(False)
@@ -101,6 +101,10 @@ def _start_game(wad: str, doom_map: str, seed: int, config_dir: str):
     with contextlib.chdir(config_dir):  # the engine process makes ./_vizdoom/ in its cwd
         game.init()
     game.new_episode()
+    # With every key, locked doors open like the others. Without, walking into one prints "blue
+    # key needed for this door" mid-screen for seconds (no ViZDoom switch hides it: con_midtime,
+    # con_notifylines, show_messages tried), which was on 427 of MAP03's 600 database frames.
+    game.send_game_command("give keys")
     game.advance_action(WARMUP_TICS)
     return game
 
@@ -205,7 +209,7 @@ def build_demo_world(root: str | os.PathLike, *, seed: int = 0, frames_per_walk:
                   "splits": splits, "wad": wad, "map_unit_m": MAP_UNIT_M,
                   "tics_per_frame": TICS_PER_FRAME, "turn_probability": TURN_PROBABILITY,
                   "query_segment_frames": QUERY_SEGMENT_FRAMES, "night_gain": NIGHT_GAIN.tolist(),
-                  "overlays": "none"}
+                  "overlays": "none", "keys": "all"}
     manifest = root / MANIFEST
     if root.exists():
         if manifest.is_file() and json.loads(manifest.read_text()) == parameters:
