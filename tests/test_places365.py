@@ -11,7 +11,7 @@ import torch
 from configs import common
 from vgjax.models import places365, pretrained
 from vgjax.models.convert import WeightImportError
-from tests.torch_helpers import import_torchvision, randomize_batch_norm
+from torch_helpers import import_torchvision, randomize_batch_norm
 
 
 def _places_like_checkpoint(path):
