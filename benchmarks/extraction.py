@@ -29,7 +29,6 @@ import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
 from vgjax import profiling  # noqa: E402
-from vgjax.models import geoloc_net  # noqa: E402
 
 NETWORKS = [(f"resnet{d}conv4", a) for d in (18, 50, 101) for a in ("gem", "netvlad")] + [
     ("vgg16", "gem"), ("cct384", "netvlad")]
@@ -48,16 +47,11 @@ def model_config(backbone: str, aggregation: str, dtype: str):
 
 
 def time_vgjax(config, size, batch_size, iterations) -> dict:
-    """Timings of the jitted inference, as in vgjax.profiling (compile excluded)."""
-    model = geoloc_net.build(config, size)
-    variables = geoloc_net.init_variables(model, size)
-    forward = jax.jit(lambda v, x: model.apply(v, geoloc_net.normalize_images(x), train=False))
-    images = np.random.default_rng(0).integers(0, 256, (batch_size, *size, 3), np.uint8)
-    compile_seconds, seconds = profiling._time_forward(forward, variables, images, iterations)
-    gflops = profiling.xla_flops(forward, variables, images[:1]) / 1e9
-    return {"ms_per_image": 1000 * seconds / batch_size, "images_per_second": batch_size / seconds,
-            "compile_seconds": compile_seconds, "gflops_per_image": gflops,
-            "gflops_per_second": gflops * batch_size / seconds}
+    """Timings of the jitted inference (vgjax.profiling, compile excluded) and GFLOP/s."""
+    profile = profiling.profile_model(config, size, batch_size=batch_size, iterations=iterations)
+    return {"ms_per_image": profile.ms_per_image, "images_per_second": profile.images_per_second,
+            "compile_seconds": profile.compile_seconds, "gflops_per_image": profile.gflops_per_image,
+            "gflops_per_second": profile.gflops_per_image * profile.images_per_second}
 
 
 def time_torch(config, size, batch_size, iterations) -> dict:

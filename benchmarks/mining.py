@@ -31,9 +31,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from vgjax import mining  # noqa: E402
+from vgjax import mining, profiling  # noqa: E402
 from vgjax.data.vg_folder import Split, positives_within  # noqa: E402
-from vgjax.models import geoloc_net  # noqa: E402
 
 NEGS = 10
 
@@ -97,14 +96,7 @@ def extraction_rate(size, batch_size: int = 8, batches: int = 2) -> float:
     """Images/s of the jitted ResNet-18 conv4 + GeM inference at `size` (after compiling)."""
     config = common.get_config().model
     config.backbone, config.aggregation = "resnet18conv4", "gem"
-    model = geoloc_net.build(config, size)
-    embed = geoloc_net.make_embed_fn(model, geoloc_net.init_variables(model, size))
-    images = np.random.default_rng(0).integers(0, 256, (batch_size, *size, 3), np.uint8)
-    embed(images)
-    tick = time.perf_counter()
-    for _ in range(batches):
-        embed(images)
-    return batches * batch_size / (time.perf_counter() - tick)
+    return profiling.profile_model(config, size, batch_size=batch_size, iterations=batches).images_per_second
 
 
 def main() -> None:

