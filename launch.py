@@ -2,28 +2,74 @@
 
 Any config value can be overridden: --config.eval.test_method=maj_voting,
 --config.data.resize='(240, 320)'. Logs below WARNING are hidden unless --verbosity is given.
-Everything else lives in vgjax.experiment.
+The run's output is also kept in DIR/log.txt (vgjax.logs), and compiled programs in JAX's
+persistent compilation cache (vgjax.runtime). Everything else lives in vgjax.experiment, imported
+only once the flags are parsed, so that --help and flag errors are quick.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vgjax import experiment
+from vgjax import logs, runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, results and checkpoints.")
-_MODE = flags.DEFINE_enum("mode", None, list(experiment.MODES), "What to run (default: config.mode).")
+_MODE = flags.DEFINE_string("mode", None, "What to run (default: config.mode); the modes are "
+                            "listed in vgjax/experiment.py.")
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled programs in $VGJAX_CACHE/jax_compilation_cache "
+    "(default ~/.cache/vgjax/...) for later runs.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that a flag error (a config key typo, a missing config file
+    included) is one line on stderr and exit status 2, as with argparse."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.get("mode")  # config_flags defers a config file's loading error to first use
+    except flags.Error as error:
+        _usage_error(str(error))
+    except OSError as error:
+        _usage_error(str(error.__cause__ or error))
+    except (AttributeError, KeyError) as error:
+        missing = _innermost(error)
+        if not isinstance(missing, KeyError):
+            raise
+        _usage_error("no config field " + ": ".join(str(missing.args[0]).splitlines()))
+    if len(rest) > 1:
+        _usage_error(f"unexpected arguments: {' '.join(rest[1:])}")
+    return rest
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """ConfigDict reports a missing field as AttributeError(KeyError("'key'\\nDid you mean ...?"))."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return error
+
+
+def _usage_error(message: str) -> None:
+    print(f"{sys.argv[0]}: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags rejects positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    from vgjax import experiment
+
+    if _MODE.value not in (None, *experiment.MODES):
+        _usage_error(f"--mode={_MODE.value}: unknown mode; available: {', '.join(experiment.MODES)}")
+    if _COMPILATION_CACHE.value:
+        runtime.enable_compilation_cache()
+    with logs.RunLog(_WORKDIR.value):
+        experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

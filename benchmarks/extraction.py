@@ -27,7 +27,7 @@ import vgjax  # noqa: E402,F401  (sets vgjax's XLA CPU flags before jax starts)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import common  # noqa: E402
+from vgjax.configs import common  # noqa: E402
 from vgjax import profiling  # noqa: E402
 
 NETWORKS = [(f"resnet{d}conv4", a) for d in (18, 50, 101) for a in ("gem", "netvlad")] + [

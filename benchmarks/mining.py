@@ -30,8 +30,9 @@ import faiss  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import common  # noqa: E402
-from vgjax import mining, profiling  # noqa: E402
+from vgjax.configs import common  # noqa: E402
+from vgjax import profiling  # noqa: E402
+from vgjax.train import mining  # noqa: E402
 from vgjax.data.vg_folder import Split, positives_within  # noqa: E402
 
 NEGS = 10

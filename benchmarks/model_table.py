@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for configs/
 
-from configs import common  # noqa: E402
+from vgjax.configs import common  # noqa: E402
 from vgjax import profiling  # noqa: E402
 
 NETWORKS = [(b, a) for b in ("vgg16", "resnet18conv4", "resnet18conv5", "resnet50conv4",

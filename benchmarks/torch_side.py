@@ -22,10 +22,11 @@ from torch import nn  # noqa: E402
 from torch_helpers import import_torchvision  # noqa: E402
 from torch_reference import BenchmarkNet, CCTBackbone, benchmark_aggregation  # noqa: E402
 
-from vgjax.models import geoloc_net  # noqa: E402
+from vgjax.data import augment  # noqa: E402
+from vgjax.models import registry  # noqa: E402
 
-MEAN = torch.tensor(geoloc_net.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-STD = torch.tensor(geoloc_net.IMAGENET_STD).view(1, 3, 1, 1) * 255
+MEAN = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+STD = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1) * 255
 
 
 def use_xla_threads() -> int:
@@ -50,10 +51,9 @@ def backbone(name: str) -> nn.Module:
 
 def network(model_config) -> nn.Module:
     """The benchmark's network for a vgjax model config (random weights)."""
-    spec = geoloc_net.backbone_spec(model_config.backbone)
-    head = benchmark_aggregation(model_config.aggregation, model_config.l2, spec.channels,
-                                 model_config.netvlad_clusters,
-                                 tokens=model_config.backbone in geoloc_net.TOKEN_BACKBONES)
+    entry = registry.backbone(model_config.backbone)
+    head = benchmark_aggregation(model_config.aggregation, model_config.l2, entry.channels,
+                                 model_config.netvlad_clusters, tokens=entry.tokens)
     return BenchmarkNet(backbone(model_config.backbone), head)
 
 

@@ -4,6 +4,7 @@
   python benchmarks/train_step.py --quick --torch    # 120x160: < 2 minutes
   python benchmarks/train_step.py --backbone resnet50conv4 --aggregation netvlad --torch
   python benchmarks/train_step.py --cosplace         # CosPlace's step: 32 x 512x512, GeM + FC 512
+  python benchmarks/train_step.py --overhead         # host overhead per step of the whole training loop
 
 One step = forward in train mode, triplet loss, backward, Adam, on the reference batch of
 `train_batch_size` (4) tuples of (query, positive, 10 negatives) = 48 images, with the stages
@@ -13,12 +14,18 @@ gradients, BatchNorm statistics still updating. Reports seconds/step, images/s a
 time and the first step, XLA's train-step GFLOPs and GFLOP/s. --torch times the benchmark's torch
 step (eager, channels-last, same threads) on the same images; ratio = vgjax images/s / torch's.
 Prints a table and writes benchmarks/results/train_step.json. Weights are random.
+
+--overhead: steps/s of the whole training loop (grain pipeline + engine loop + step, as
+`launch.py` runs it: the smoke world's triplet training at 32x32, 1 tuple of 4 images per
+step, 3 rounds of 100 steps) against the same step timed alone on a fixed batch; the
+difference is the host's overhead per step, in ms.
 """
 
 import argparse
 import functools
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +36,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from configs import common, cosplace_resnet18_512  # noqa: E402
-from vgjax import losses, train_cosplace, train_step  # noqa: E402
+from configs import cosplace_resnet18_512, smoke_train  # noqa: E402
+from vgjax.configs import common  # noqa: E402
+from vgjax import experiment  # noqa: E402
 from vgjax.data import augment  # noqa: E402
 from vgjax.models import geoloc_net  # noqa: E402
+from vgjax.train import cosplace, losses, state as train_state, triplet  # noqa: E402
 
 
 def _timed(step, args, iterations: int) -> tuple[float, float]:
@@ -49,15 +58,16 @@ def _timed(step, args, iterations: int) -> tuple[float, float]:
 def time_vgjax_step(config, images: np.ndarray, iterations: int) -> dict:
     size = images.shape[1:3]
     model = geoloc_net.build(config.model, size)
-    state, tx = train_step.create_state(config, geoloc_net.init_variables(model, size), seed=0)
+    state, tx = train_state.create_state(config, geoloc_net.init_variables(model, size), seed=0)
     tuple_size = 2 + config.mining.negs_num_per_query
-    step = train_step.make_train_step(model, tx, train_step.StepConfig(
+    step = triplet.make_step(model, tx, triplet.StepConfig(
         tuple_size, config.train.criterion, config.train.margin, augment.AugmentConfig.from_config(config.train)))
+    batch = {"images": images}
     tick = time.perf_counter()
-    flops = step.lower(state, images).compile().cost_analysis()
+    flops = step.lower(state, None, batch).compile().cost_analysis()
     compile_seconds = time.perf_counter() - tick
     flops = (flops[0] if isinstance(flops, (list, tuple)) else flops).get("flops", float("nan"))
-    first, seconds = _timed(lambda s: (step(s, images)[0],), (state,), iterations)
+    first, seconds = _timed(lambda s: (step(s, None, batch)[0],), (state,), iterations)
     tuples = len(images) // tuple_size
     return {"seconds_per_step": seconds, "images_per_second": len(images) / seconds,
             "triplets_per_second": tuples * (tuple_size - 2) / seconds, "first_step_seconds": first,
@@ -80,16 +90,34 @@ def time_cosplace_step(size, iterations: int, batch_size: int = 32) -> dict:
     """CosPlace's step: model + a 1000-class CosFace classifier, on-device augmentation."""
     config = cosplace_resnet18_512.get_config()
     model = geoloc_net.build(config.model, size)
-    state, tx = train_step.create_state(config, geoloc_net.init_variables(model, size), seed=0)
+    state, tx = train_state.create_state(config, geoloc_net.init_variables(model, size), seed=0)
     classifier_tx = optax.adam(0.01)
     weight = losses.cosface_init(jax.random.key(0), 1000, config.model.fc_output_dim)
-    classifier = train_cosplace.Classifier(weight, classifier_tx.init(weight))
-    step = jax.jit(functools.partial(train_cosplace.cosplace_step, model=model, tx=tx, classifier_tx=classifier_tx,
+    classifier = train_state.Head(weight, classifier_tx.init(weight))
+    step = jax.jit(functools.partial(cosplace.cosplace_step, model=model, tx=tx, head_tx=classifier_tx,
                                      augmentation=(0.7, 0.7, 0.7, 0.5, 0.5)), donate_argnums=(0, 1))
-    images = np.random.default_rng(0).integers(0, 256, (batch_size, *size, 3), np.uint8)
-    labels = np.arange(batch_size, dtype=np.int32)
-    first, seconds = _timed(lambda s, c: step(s, c, images, labels)[:2], (state, classifier), iterations)
+    batch = {"images": np.random.default_rng(0).integers(0, 256, (batch_size, *size, 3), np.uint8),
+             "labels": np.arange(batch_size, dtype=np.int32)}
+    first, seconds = _timed(lambda s, c: step(s, c, batch)[:2], (state, classifier), iterations)
     return {"seconds_per_step": seconds, "images_per_second": batch_size / seconds, "first_step_seconds": first}
+
+
+def measure_overhead(iterations: int) -> dict:
+    """Host overhead per step: the training loop's steps/s against the step alone (32x32)."""
+    config = smoke_train.get_config()
+    config.data.resize = (32, 32)
+    config.train.update(train_batch_size=1, epochs_num=1)
+    config.mining.update(cache_refresh_rate=100, queries_per_epoch=300, neg_samples_num=50)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.data.datasets_folder = f"{tmp}/datasets"
+        results = experiment.run(config, f"{tmp}/run", "train")
+    loop_images_per_second = results["train_images_per_second"]
+    images_per_step = 2 + config.mining.negs_num_per_query
+    images = np.random.default_rng(0).integers(0, 256, (images_per_step, 32, 32, 3), np.uint8)
+    step = time_vgjax_step(config, images, max(iterations, 50))
+    loop_ms = 1000 * images_per_step / loop_images_per_second
+    step_ms = 1000 * step["seconds_per_step"]
+    return {"loop_ms_per_step": loop_ms, "step_alone_ms": step_ms, "host_overhead_ms_per_step": loop_ms - step_ms}
 
 
 def main() -> None:
@@ -101,9 +129,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=None, help="H W")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--cosplace", action="store_true", help="only CosPlace's train step")
+    parser.add_argument("--overhead", action="store_true", help="only the training loop's host overhead")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
     iterations = args.iterations or (2 if args.quick else 3)
+    if args.overhead:
+        overhead = measure_overhead(iterations)
+        print(f"training loop at 32x32, 4 images/step: {overhead['loop_ms_per_step']:.1f} ms/step; the step "
+              f"alone {overhead['step_alone_ms']:.1f} ms; host overhead {overhead['host_overhead_ms_per_step']:.1f} "
+              "ms/step")
+        return
     if args.cosplace:
         size = tuple(args.size or ((128, 128) if args.quick else (512, 512)))
         step = time_cosplace_step(size, iterations)

@@ -7,7 +7,7 @@ it with the learning-free tiny-image baseline (jit-compiled), searches with fais
 benchmark's recall@N for every query test method.
 """
 
-from configs import common
+from vgjax.configs import common
 
 
 def get_config():

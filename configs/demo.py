@@ -20,7 +20,7 @@ The recipe, chosen by measurement on this world (val R@5 per epoch, then test R@
 - About 5 minutes on 2 CPU cores: world 10 s, (a) and (b) 20 s each, 3 epochs of 1.3 min.
 """
 
-from configs import common
+from vgjax.configs import common
 
 
 def get_config():

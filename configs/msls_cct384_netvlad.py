@@ -6,7 +6,7 @@
       --config.model.pretrain=/path/to/cct_14_7x2_384_imagenet.pth
 """
 
-from configs import common
+from vgjax.configs import common
 
 
 def get_config():

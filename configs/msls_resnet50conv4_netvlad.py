@@ -6,7 +6,7 @@ MSLS as written by VPR-datasets-downloader has no images/ level and test is val;
 both layouts. Use --config.mining.mining=msls_weighted for the MSLS paper's weighted sampling.
 """
 
-from configs import common
+from vgjax.configs import common
 
 
 def get_config():

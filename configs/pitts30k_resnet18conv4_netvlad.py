@@ -6,7 +6,7 @@ Everything else is the benchmark's default: Adam 1e-5, 4 tuples of (query, posit
 negatives), margin 0.1, 480x640, 5000 queries per epoch, mining every 1000, patience 3 on R@5.
 """
 
-from configs import common
+from vgjax.configs import common
 
 
 def get_config():

@@ -4,7 +4,7 @@
       --config.data.datasets_folder=/path/to/datasets
 """
 
-from configs import common
+from vgjax.configs import common
 
 
 def get_config():

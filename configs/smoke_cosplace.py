@@ -18,9 +18,7 @@ def get_config():
     config.model.pretrain = "none"
     config.model.fc_output_dim = 32
     config.eval.recall_values = (1, 5)
-    config.cosplace = cosplace_resnet18_512.cosplace_section(
-        train_folder="train", val_folder="val", test_folder="test", N=2, L=1, groups_num=2,
-        min_images_per_class=2, batch_size=4, epochs_num=2, iterations_per_epoch=4)
+    config.train.update(train_batch_size=4, epochs_num=2)
+    config.cosplace.update(train_folder="train", val_folder="val", test_folder="test", N=2, L=1,
+                           groups_num=2, min_images_per_class=2, iterations_per_epoch=4)
     return config
-
-

@@ -5,7 +5,7 @@ laptop CPU, with random weights.
   python launch.py --config configs/smoke_train.py --workdir workdirs/smoke
 """
 
-from configs import common
+from vgjax.configs import common
 
 
 def get_config():

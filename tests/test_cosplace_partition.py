@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from vgjax import cosplace
-from vgjax.cosplace import PartitionConfig, build_partition, class_and_group_ids
+from vgjax.data import cosplace_groups as cosplace
+from vgjax.data.cosplace_groups import PartitionConfig, build_partition, class_and_group_ids
 from vgjax.data.vg_folder import DatasetFormatError, parse_image_name
 
 

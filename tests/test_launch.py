@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import aerial_tiny_image, common
+from configs import aerial_tiny_image
+from vgjax.configs import common
 from torch_helpers import import_torchvision
 from vgjax import evaluate, experiment
 from vgjax.models import geoloc_net
@@ -118,7 +119,7 @@ def test_common_config_keeps_the_benchmark_defaults():
 
 
 def test_profile_mode_prints_the_table_columns(tmp_path):
-    out = _launch("--config", "configs/common.py", "--workdir", str(tmp_path), "--mode", "profile",
+    out = _launch("--config", "vgjax/configs/common.py", "--workdir", str(tmp_path), "--mode", "profile",
                   "--config.model.aggregation=gem", "--config.model.pretrain=none",
                   "--config.data.resize=(64, 80)", "--config.data.infer_batch_size=2")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vgjax import losses
+from vgjax.train import losses
 
 B, N, D = 3, 4, 8
 

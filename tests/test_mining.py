@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgjax import mining
+from vgjax.train import mining
 from vgjax.data import vg_folder
 
 DIM = 16

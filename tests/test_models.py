@@ -1,6 +1,7 @@
 """Whole networks: every backbone x aggregation the benchmark allows, built in torch with the
 benchmark's state-dict layout, saved, loaded through vgjax's importers and compared (reference
-§1.1, §2, §2.8, §5.1). Plus config validation, dims, freezing, the embed function."""
+§1.1, §2, §2.8, §5.1). Plus the registry, config validation, dims, freezing, initialisation,
+the embed functions."""
 
 import functools
 
@@ -11,19 +12,20 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from configs import common
+from vgjax.configs import common
 from torch_helpers import import_torchvision, nhwc, randomize_batch_norm, state_dict_numpy
 from torch_reference import (BenchmarkNet, CCTBackbone, Flatten, GeM, L2Norm, ViTBackbone,
                              benchmark_aggregation)
+from vgjax import embed, sharding
+from vgjax.data import augment, synthetic
 from vgjax.data import images as image_ops
-from vgjax.data import synthetic
-from vgjax.models import geoloc_net, netvlad_init, pretrained
+from vgjax.models import geoloc_net, netvlad_init, pretrained, registry
 
 TOL = 1e-4
 CLUSTERS = 8
 IMAGE_SIZES = {"alexnet": (88, 88), "vit": (224, 224), "cct384": (384, 384)}  # others: 64x64
-COMBINATIONS = [(backbone, aggregation) for backbone in geoloc_net.BACKBONES
-                for aggregation in geoloc_net.ALLOWED_AGGREGATIONS[backbone]]
+COMBINATIONS = [(backbone, aggregation) for backbone in registry.BACKBONES
+                for aggregation in registry.backbone(backbone).aggregations]
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +39,7 @@ def model_config(backbone, aggregation, l2="before_pool", fc_output_dim=None, **
     config.backbone, config.aggregation, config.l2 = backbone, aggregation, l2
     config.fc_output_dim = fc_output_dim
     config.netvlad_clusters = CLUSTERS
-    if backbone in geoloc_net.TOKEN_BACKBONES:
+    if registry.backbone(backbone).tokens:
         config.trunc_te = 1  # one transformer block keeps the test fast; the rest is ignored
     config.update(overrides)
     return config
@@ -60,12 +62,11 @@ def torch_backbone(name, output):
 
 
 def torch_network(config):
-    spec = geoloc_net.backbone_spec(config.backbone)
-    output = config.aggregation if config.aggregation in ("cls", "seqpool") else "tokens"
+    entry = registry.backbone(config.backbone)
+    output = config.aggregation if config.aggregation in registry.TOKEN_OUTPUTS else "tokens"
     torch.manual_seed(1)
-    aggregation = benchmark_aggregation(config.aggregation, config.l2, spec.channels, CLUSTERS,
-                                        tokens=config.backbone in geoloc_net.TOKEN_BACKBONES,
-                                        fc_output_dim=config.fc_output_dim)
+    aggregation = benchmark_aggregation(config.aggregation, config.l2, entry.channels, CLUSTERS,
+                                        tokens=entry.tokens, fc_output_dim=config.fc_output_dim)
     network = BenchmarkNet(torch_backbone(config.backbone, output), aggregation)
     randomize_batch_norm(network)
     with torch.no_grad():
@@ -109,7 +110,7 @@ def test_benchmark_checkpoint_parity_every_combination(backbone, aggregation, tm
     check_parity(model_config(backbone, aggregation), tmp_path / "net.npz")
 
 
-@pytest.mark.parametrize("aggregation", geoloc_net.POOLINGS)
+@pytest.mark.parametrize("aggregation", registry.POOLINGS)
 @pytest.mark.parametrize("l2", ["after_pool", "none"])
 def test_benchmark_checkpoint_parity_l2_modes(aggregation, l2, tmp_path):
     check_parity(model_config("resnet18conv4", aggregation, l2), tmp_path / "net.npz")
@@ -185,6 +186,54 @@ def test_pretrain_option_resolves_local_files_and_none(tmp_path):
 # Configuration, dimensions, freezing, embedding.
 
 
+@pytest.mark.parametrize("name", registry.BACKBONES)
+def test_every_backbone_name_resolves_to_a_complete_entry(name):
+    entry = registry.backbone(name)
+    assert entry.name == name and entry.channels > 0 and entry.aggregations
+    assert set(entry.aggregations) <= set(registry.AGGREGATIONS)
+    assert callable(entry.family.import_torch) and callable(entry.family.trainable_mask)
+    size = entry.image_sizes[0] if entry.image_sizes else (64, 64)
+    backbone = geoloc_net.build(model_config(name, entry.aggregations[0]), size).backbone
+    assert isinstance(backbone, entry.module)
+    assert {k: getattr(backbone, k) for k in entry.fields} == dict(entry.fields)
+
+
+def test_an_unknown_backbone_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet34conv4'; choose one of .*'resnet18conv4'.*'vit'"):
+        registry.backbone("resnet34conv4")
+
+
+@pytest.mark.parametrize("backbone, aggregation, size", [
+    ("resnet18conv4", "netvlad", (48, 64)), ("vit", "cls", (224, 224))])
+def test_init_variables_has_the_tree_of_model_init(backbone, aggregation, size):
+    model = geoloc_net.build(model_config(backbone, aggregation), size)
+    expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                              jnp.zeros((1, *size, 3)))
+    variables = geoloc_net.init_variables(model, size, seed=3)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
+    as_spec = lambda leaf: (tuple(leaf.shape), leaf.dtype)
+    assert jax.tree_util.tree_map(as_spec, variables) == jax.tree_util.tree_map(as_spec, expected)
+    again = geoloc_net.init_variables(model, size, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(variables),
+                                                     jax.tree_util.tree_leaves(again)))
+
+
+def test_build_and_load_for_a_checkpoint_reads_no_weights(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VGJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VGJAX_OFFLINE", "1")  # pretrain=imagenet would have to download
+    config = model_config("resnet18conv4", "gem", pretrain="imagenet", resume=str(tmp_path / "missing.pth"))
+    model, variables = pretrained.build_and_load(config, (32, 32), weights_from_checkpoint=True)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+        geoloc_net.init_variables(model, (32, 32)))
+    config.resume, config.pretrain = "", "none"
+    pretrained.build_and_load(config, (32, 32), weights_from_checkpoint=True)
+    assert "RANDOM weights" not in caplog.text
+    pretrained.build_and_load(config, (32, 32))
+    assert "RANDOM weights" in caplog.text
+    with pytest.raises(FileNotFoundError):
+        pretrained.build_and_load(model_config("resnet18conv4", "gem", pretrain="imagenet"), (32, 32))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(backbone="resnet18conv4", aggregation="cls"), "does not support aggregation 'cls'"),
     (dict(backbone="vit", aggregation="spoc"), "vit does not support aggregation 'spoc'"),
@@ -238,14 +287,33 @@ def test_embed_fn_normalizes_uint8_on_device_and_bfloat16_is_close():
     model = geoloc_net.build(config, (64, 64))
     variables = geoloc_net.init_variables(model, (64, 64))
     batch = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
-    embedded = geoloc_net.make_embed_fn(model, variables)(batch)
-    normalized = (batch / 255.0 - np.array(geoloc_net.IMAGENET_MEAN)) / np.array(geoloc_net.IMAGENET_STD)
+    embedded = embed.make_embed_fn(model, variables)(batch)
+    normalized = (batch / 255.0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
     np.testing.assert_allclose(embedded, np.asarray(model.apply(variables, jnp.asarray(normalized, jnp.float32))), atol=1e-5)
     assert embedded.dtype == np.float32 and np.allclose(np.linalg.norm(embedded, axis=1), 1, atol=1e-5)
     config.dtype = "bfloat16"
-    low = geoloc_net.make_embed_fn(geoloc_net.build(config, (64, 64)), variables)(batch)
+    low = embed.make_embed_fn(geoloc_net.build(config, (64, 64)), variables)(batch)
     assert low.dtype == np.float32
     assert np.abs(low - embedded).max() < 0.05
+
+
+def test_sharded_embed_fn_takes_the_variables_at_each_call():
+    config = model_config("resnet18conv4", "gem")
+    model = geoloc_net.build(config, (32, 32))
+    variables = geoloc_net.init_variables(model, (32, 32))
+    embed_fn = embed.make_sharded_embed_fn(model, sharding.make_mesh())
+    batch = np.random.default_rng(1).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(embed_fn(variables, batch), embed.make_embed_fn(model, variables)(batch))
+    other = geoloc_net.init_variables(model, (32, 32), seed=1)
+    assert not np.allclose(embed_fn(other, batch), embed_fn(variables, batch))
+    assert embed_fn.jitted(variables, batch).shape == (2, 256)
+
+
+def test_the_two_normalizations_agree():
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 4, 5, 3), dtype=np.uint8)
+    np.testing.assert_allclose(augment.normalize_uint8(images), augment.normalize(images / np.float32(255)),
+                               rtol=0, atol=1e-5)
+    assert augment.normalize_uint8(images).dtype == jnp.float32
 
 
 def test_initialize_netvlad_from_dataset_images(tmp_path):
@@ -254,12 +322,13 @@ def test_initialize_netvlad_from_dataset_images(tmp_path):
     config = model_config("resnet18conv4", "netvlad")
     model = geoloc_net.build(config, (64, 64))
     variables = geoloc_net.init_variables(model, (64, 64))
-    initialized = geoloc_net.initialize_netvlad(model, variables, paths, (64, 64), CLUSTERS,
-                                                batch_size=4, descriptors_num=160, per_image=16)
+    features_fn = embed.make_features_fn(model, variables)
+    initialized = netvlad_init.initialize_netvlad(features_fn, variables, paths, (64, 64), CLUSTERS,
+                                                  batch_size=4, descriptors_num=160, per_image=16)
     # The same steps by hand: the 10 images the seed draws, their features, the k-means.
     rng = np.random.default_rng(0)
     chosen = [paths[i] for i in rng.choice(len(paths), 10, replace=False)]
-    features = geoloc_net.make_features_fn(model, variables)(np.stack([image_ops.load_rgb(p) for p in chosen]))
+    features = features_fn(np.stack([image_ops.load_rgb(p) for p in chosen]))
     descriptors = netvlad_init.sample_local_descriptors([features], 16, rng)
     expected = netvlad_init.init_params(netvlad_init.kmeans_centroids(descriptors, CLUSTERS), descriptors)
     for name in ("centroids", "assignment_kernel"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import common
+from vgjax.configs import common
 from vgjax.models import places365, pretrained
 from vgjax.models.convert import WeightImportError
 from torch_helpers import import_torchvision, randomize_batch_norm

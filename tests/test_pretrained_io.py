@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from vgjax.models import pretrained
-from vgjax.models.convert import WeightImportError
+from vgjax.models import pretrained, weights_cache
+from vgjax.models.convert import WeightImportError, read_state_dict
 
 
 def write_safetensors(path, tensors):
@@ -34,7 +34,7 @@ def test_safetensors_npz_and_pth_give_the_same_state_dict(tmp_path):
     np.savez(tmp_path / "w.npz", **tensors)
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "w.pth")
     for name in ("w.safetensors", "w.npz", "w.pth"):
-        state = pretrained.read_state_dict(tmp_path / name)
+        state = read_state_dict(tmp_path / name)
         assert sorted(state) == sorted(tensors), name
         for key in tensors:
             np.testing.assert_array_equal(state[key], tensors[key])
@@ -45,7 +45,7 @@ def test_bfloat16_safetensors_are_widened(tmp_path):
     bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)
     text = json.dumps({"x": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
     (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bf16.tobytes())
-    np.testing.assert_array_equal(pretrained.read_state_dict(tmp_path / "b.safetensors")["x"], values)
+    np.testing.assert_array_equal(read_state_dict(tmp_path / "b.safetensors")["x"], values)
 
 
 def test_benchmark_train_checkpoint_with_numpy_values_and_module_prefix(tmp_path):
@@ -59,7 +59,7 @@ def test_benchmark_train_checkpoint_with_numpy_values_and_module_prefix(tmp_path
         "not_improved_num": 0,
     }
     torch.save(checkpoint, tmp_path / "last_model.pth")
-    state = pretrained.read_state_dict(tmp_path / "last_model.pth")
+    state = read_state_dict(tmp_path / "last_model.pth")
     assert sorted(state) == ["aggregation.1.p", "backbone.0.weight"]
     assert state["aggregation.1.p"].tolist() == [3.0]
 
@@ -76,7 +76,7 @@ def test_pickled_code_is_never_executed(tmp_path):
     if os.path.exists("/tmp/vgjax_pwned"):
         os.remove("/tmp/vgjax_pwned")
     with pytest.raises(WeightImportError, match="not a loadable weights-only torch file"):
-        pretrained.read_state_dict(path)
+        read_state_dict(path)
     assert not os.path.exists("/tmp/vgjax_pwned")
 
 
@@ -87,22 +87,22 @@ def test_pickled_code_is_never_executed(tmp_path):
 def test_corrupt_safetensors_are_rejected(tmp_path, content, message):
     (tmp_path / "c.safetensors").write_bytes(content)
     with pytest.raises(WeightImportError, match=message):
-        pretrained.read_state_dict(tmp_path / "c.safetensors")
+        read_state_dict(tmp_path / "c.safetensors")
 
 
 def test_safetensors_offsets_must_match_shapes(tmp_path):
     text = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "s.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(8))
     with pytest.raises(WeightImportError, match="tensor 'x' has an invalid header entry"):
-        pretrained.read_state_dict(tmp_path / "s.safetensors")
+        read_state_dict(tmp_path / "s.safetensors")
 
 
 def test_missing_file_and_non_state_dict(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights file .*nope.pth does not exist"):
-        pretrained.read_state_dict(tmp_path / "nope.pth")
+        read_state_dict(tmp_path / "nope.pth")
     torch.save({"epoch": 1, "arch": "resnet"}, tmp_path / "meta.pth")
     with pytest.raises(WeightImportError, match="no state dict found"):
-        pretrained.read_state_dict(tmp_path / "meta.pth")
+        read_state_dict(tmp_path / "meta.pth")
 
 
 def test_merge_variables_checks_names_and_shapes():
@@ -132,10 +132,10 @@ def test_fetch_downloads_verifies_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("VGJAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("VGJAX_OFFLINE", raising=False)
     source = _hashed_file(tmp_path)
-    path = pretrained.fetch(source.as_uri())
+    path = weights_cache.fetch(source.as_uri())
     assert path == tmp_path / "cache" / "weights" / source.name and path.read_bytes() == b"weights"
     source.unlink()  # now only the cache has it
-    assert pretrained.fetch(source.as_uri(), offline=True) == path
+    assert weights_cache.fetch(source.as_uri(), offline=True) == path
 
 
 def test_fetch_rejects_a_wrong_hash_and_keeps_nothing(tmp_path, monkeypatch):
@@ -144,7 +144,7 @@ def test_fetch_rejects_a_wrong_hash_and_keeps_nothing(tmp_path, monkeypatch):
     tampered = source.with_name("net-00000000.pth")
     source.rename(tampered)
     with pytest.raises(WeightImportError, match="does not match the name's 00000000"):
-        pretrained.fetch(tampered.as_uri(), offline=False)
+        weights_cache.fetch(tampered.as_uri(), offline=False)
     assert not list((tmp_path / "cache" / "weights").iterdir())
 
 
@@ -152,4 +152,4 @@ def test_offline_fetch_of_an_uncached_file_says_what_to_do(tmp_path, monkeypatch
     monkeypatch.setenv("VGJAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("VGJAX_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth is not cached and downloads are off"):
-        pretrained.fetch(pretrained.TORCHVISION_URLS["resnet18"])
+        weights_cache.fetch(pretrained.TORCHVISION_URLS["resnet18"])

@@ -1,9 +1,9 @@
 """Training: the step (freezing, BN, optimizers), tuple batches, data parallelism, and the whole
 workflow end to end with a kill and an exact resume."""
 
-import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from configs import common, smoke_train
-from vgjax import checkpoint, train_step
+from configs import smoke_train
+from vgjax.configs import common
 from vgjax.data import augment
 from vgjax.data.pipeline import triplet_batches
 from vgjax.models import geoloc_net
+from vgjax.train import loop, state as train_state, triplet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,9 +41,14 @@ def tiny_config(aggregation="gem", **train):
 def _setup(config, size=(32, 32)):
     model = geoloc_net.build(config.model, size)
     variables = geoloc_net.init_variables(model, size)
-    state, tx = train_step.create_state(config, variables, seed=0)
-    step = train_step.make_train_step(model, tx, train_step.StepConfig(
+    state, tx = train_state.create_state(config, variables, seed=0)
+    jitted = triplet.make_step(model, tx, triplet.StepConfig(
         tuple_size=4, criterion="triplet", margin=0.1, augment=augment.AugmentConfig.from_config(config.train)))
+
+    def step(state, images):
+        state, _, metrics = jitted(state, None, {"images": images})
+        return state, metrics
+
     images = np.random.default_rng(0).integers(0, 256, (8, *size, 3), dtype=np.uint8)
     return state, step, images
 
@@ -51,7 +57,7 @@ def test_step_updates_only_trainable_params_and_all_batch_stats():
     state, step, images = _setup(tiny_config(lr=1e-2))
     before = jax.tree.map(np.asarray, (state.trainable, state.frozen, state.batch_stats))
     state, metrics = step(state, images)
-    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+    assert np.isfinite(float(metrics["loss"])) and bool(metrics["finite"]) and int(state.step) == 1
     assert set(state.frozen["backbone"]) == {"conv1", "bn1", "layer1_0", "layer1_1", "layer2_0", "layer2_1"}
     jax.tree.map(np.testing.assert_array_equal, before[1], jax.tree.map(np.asarray, state.frozen))
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before[0], state.trainable)
@@ -70,20 +76,6 @@ def test_bfloat16_compute_keeps_float32_params_loss_and_optimizer_state():
     assert {leaf.dtype for leaf in leaves if leaf.dtype != jnp.int32} == {jnp.dtype(jnp.float32)}
 
 
-def test_an_interrupted_checkpoint_is_never_restored(tmp_path):
-    checkpoints = checkpoint.Checkpoints(tmp_path)
-    state = {"w": np.arange(3.0)}
-    checkpoints.save(state, {"epoch": 1})
-    checkpoints.close()
-    # A save cut short by a crash leaves only orbax's temporary folder (no commit).
-    (tmp_path / "last" / "2.orbax-checkpoint-tmp-1234").mkdir()
-    (tmp_path / "last" / "2.orbax-checkpoint-tmp-1234" / "state").mkdir()
-    restored_state, meta = checkpoint.Checkpoints(tmp_path).restore(state)
-    assert meta == {"epoch": 1}
-    np.testing.assert_array_equal(restored_state["w"], state["w"])
-    assert checkpoint.Checkpoints(tmp_path / "empty").restore(state) is None
-
-
 def test_frozen_bn_keeps_frozen_stage_statistics():
     config = tiny_config(lr=1e-2)
     config.model.frozen_bn = True
@@ -100,7 +92,7 @@ def test_optimizers_match_torch(optim):
     config = tiny_config(optim=optim, lr=0.05)
     w0 = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
     grads = [np.random.default_rng(i).normal(size=(3, 4)).astype(np.float32) for i in (1, 2, 3)]
-    tx = train_step.make_optimizer(config.train, "gem", {"w": w0})
+    tx = train_state.make_optimizer(config.train, "gem", {"w": w0})
     params, opt_state = {"w": jnp.asarray(w0)}, tx.init({"w": jnp.asarray(w0)})
     weight = torch.nn.Parameter(torch.from_numpy(w0.copy()))
     torch_opt = (torch.optim.Adam([weight], lr=0.05) if optim == "adam"
@@ -116,7 +108,7 @@ def test_optimizers_match_torch(optim):
 def test_crn_learning_rates():
     config = tiny_config("crn", lr_crn_layer=1.0, lr_crn_net=1e-3, optim="sgd")
     trainable = {"aggregation": {"crn": {"w": jnp.zeros(2)}, "centroids": jnp.zeros(2)}}
-    tx = train_step.make_optimizer(config.train, "crn", trainable)
+    tx = train_state.make_optimizer(config.train, "crn", trainable)
     grads = jax.tree.map(jnp.ones_like, trainable)
     updates, _ = tx.update(grads, tx.init(trainable), trainable)
     np.testing.assert_allclose(updates["aggregation"]["crn"]["w"], -1.0, rtol=1e-6)
@@ -174,58 +166,148 @@ def test_two_devices_equal_one_device():
 def _launch(workdir, datasets, *overrides):
     return [sys.executable, "launch.py", "--config", "configs/smoke_train.py", "--workdir", str(workdir),
             f"--config.data.datasets_folder={datasets}", "--config.train.checkpoint_every_steps=2",
-            *overrides]
+            "--config.train.log_every_steps=3", *overrides]
+
+
+def _run(*command, **kwargs):
+    out = subprocess.run(*command, cwd=REPO, capture_output=True, text=True, timeout=900, **kwargs)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in Path(workdir, "checkpoints").iterdir() if p.name.isdigit())
 
 
 def _final_state(workdir):
-    last = sorted(glob.glob(f"{workdir}/checkpoints/last/*"), key=lambda p: int(Path(p).name))[-1]
-    return ocp.PyTreeCheckpointer().restore(f"{last}/state")["train"]
+    return ocp.PyTreeCheckpointer().restore(f"{workdir}/checkpoints/{_steps(workdir)[-1]}/state")["train"]
 
 
-@pytest.mark.slow
-def test_training_end_to_end_packed_killed_and_resumed_equals_uninterrupted(tmp_path):
-    datasets = tmp_path / "datasets"
-    straight = subprocess.run(_launch(tmp_path / "straight", datasets), cwd=REPO, capture_output=True,
-                              text=True, timeout=900)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    # The train split packed (mode pack): the images are already 64x64, so the packed JPEGs are
-    # the files themselves and training on them must give the same result.
-    packed = ["--config.data.packed_folder=" + str(tmp_path / "packed")]
-    pack = subprocess.run(_launch(tmp_path / "pack", datasets, *packed, "--mode", "pack"), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert pack.returncode == 0, pack.stderr[-3000:]
-    assert (tmp_path / "packed" / "aerial_smoke-train-64x64" / "manifest.json").exists()
-    # Same command on the packed split, killed (SIGKILL, no clean-up) once the second checkpoint
-    # exists: mid-epoch, two steps into the first round's second half.
-    workdir = tmp_path / "killed"
-    process = subprocess.Popen(_launch(workdir, datasets, *packed), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (workdir / "checkpoints" / "last" / "2").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before its 2nd checkpoint"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    resumed = subprocess.run(_launch(workdir, datasets, *packed), cwd=REPO, capture_output=True, text=True,
-                             timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _final_state(tmp_path / "straight"), _final_state(workdir)
+def _assert_same_run(straight, other):
+    a, b = _final_state(straight), _final_state(other)
     assert int(a["step"]) == int(b["step"]) == 16
     jax.tree.map(np.testing.assert_array_equal, (a["trainable"], a["batch_stats"], a["opt_state"]),
                  (b["trainable"], b["batch_stats"], b["opt_state"]))
-    results = [json.loads(Path(d, "results.json").read_text()) for d in (tmp_path / "straight", workdir)]
-    for key in ("test", "val_history", "best_val_recall", "steps", "descriptor_dim"):
+    results = [json.loads(Path(d, "results.json").read_text()) for d in (straight, other)]
+    for key in ("test", "val_history", "best_val_recall", "best_epoch", "steps", "descriptor_dim"):
         assert results[0][key] == results[1][key], key  # (timings differ, of course)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The smoke run, uninterrupted, keeping every checkpoint (cadence every 3 steps)."""
+    root = tmp_path_factory.mktemp("train")
+    out = _run(_launch(root / "straight", root / "datasets", "--config.train.keep_checkpoints=100"))
+    return root, out
+
+
+@pytest.mark.slow
+def test_straight_run_cadence_banner_log_and_best_metric(straight):
+    root, out = straight
+    workdir = root / "straight"
+    # 2 epochs x 2 rounds x 4 steps, every 2 steps: inside rounds (2, 6, 10, 14), round ends
+    # but the epoch's last (4, 12), and each validation (8, 16).
+    assert _steps(workdir) == [2, 4, 6, 8, 10, 12, 14, 16]
+    log = (workdir / "log.txt").read_text()
+    for text in ("vgjax training: triplet", "devices: 1 x cpu", "train: ", "val: ", "mining: partial",
+                 "network: resnet18conv4 + gem", "config (differences from the defaults): ",
+                 "data.resize=(64, 64)", "Compiling the training step...", "Compiled the training step in",
+                 "Epoch 1/2 done in", "Epoch 2/2 done in", "Recalls on test set"):
+        assert text in log, text
+    assert "\r" not in log and "RANDOM weights" in log  # pretrain=none: the one warning that is true
+    results = json.loads((workdir / "results.json").read_text())
+    history = [epoch["val"]["R@5"] for epoch in results["val_history"]]
+    assert results["best_metric"] == "R@5" and results["best_epoch"] == int(np.argmax(history))
+    assert results["best_val_recall"] == max(history)
+    assert all(np.isfinite(epoch["loss"]) for epoch in results["val_history"])
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_equals_uninterrupted_also_packed(straight):
+    root, _ = straight
+    datasets = root / "datasets"
+    # The train split packed (mode pack): the images are already 64x64, so the packed JPEGs are
+    # the files themselves and training on them must give the same result.
+    packed = ["--config.data.packed_folder=" + str(root / "packed")]
+    _run(_launch(root / "pack", datasets, *packed, "--mode", "pack"))
+    assert (root / "packed" / "aerial_smoke-train-64x64" / "manifest.json").exists()
+    # Same command on the packed split, killed (SIGKILL, no clean-up) once step 6's checkpoint is
+    # committed: epoch 1, two steps into its second mining round.
+    workdir = root / "killed"
+    process = subprocess.Popen(_launch(workdir, datasets, *packed), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while 6 not in (_steps(workdir) if (workdir / "checkpoints").is_dir() else []):
+        assert process.poll() is None and time.time() < deadline, "run ended before step 6's checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = _run(_launch(workdir, datasets, *packed))
+    assert "Resuming from epoch 1, round 2/2, batch 2 (step 6), not validated yet" in resumed.stdout
+    _assert_same_run(root / "straight", workdir)
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert sum('"val"' in line for line in lines) == 2  # both epochs validated
+    again = _run(_launch(workdir, datasets, *packed))
+    assert "Training finished at epoch 2; testing the best checkpoint" in again.stdout
 
 
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
-    out = subprocess.run(_launch(tmp_path / "run", tmp_path / "datasets", "--config.train.lr=1e30"),
+@pytest.mark.slow
+def test_lost_last_commit_and_damaged_latest_checkpoint_resume_exactly(straight):
+    root, _ = straight
+    # A kill right before the final validation's commit: the step-16 checkpoint never existed.
+    workdir = root / "lost_commit"
+    shutil.copytree(root / "straight", workdir)
+    shutil.rmtree(workdir / "checkpoints" / "16")
+    (workdir / "results.json").unlink()
+    _run(_launch(workdir, root / "datasets"))
+    _assert_same_run(root / "straight", workdir)
+    # A damaged latest checkpoint (a truncated array file) and an empty newer folder left by an
+    # interrupted copy: named, skipped, and the run resumes from step 10.
+    workdir = root / "damaged"
+    shutil.copytree(root / "straight", workdir)
+    for step in (16, 14):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    (workdir / "results.json").unlink()
+    data_files = sorted((p for p in (workdir / "checkpoints" / "12" / "state").rglob("*") if p.is_file()),
+                        key=lambda p: p.stat().st_size)
+    data_files[-1].write_bytes(data_files[-1].read_bytes()[:100])
+    (workdir / "checkpoints" / "20").mkdir()
+    out = _run(_launch(workdir, root / "datasets"))
+    assert str(workdir / "checkpoints" / "12") in out.stderr and str(workdir / "checkpoints" / "20") in out.stderr
+    assert "Resuming from epoch 2, round 1/2, batch 2 (step 10), best R@5" in out.stdout
+    _assert_same_run(root / "straight", workdir)
+
+
+def test_non_finite_parameters_are_caught_before_any_save(tmp_path):
+    # lr 1e39 overflows float32: the parameters become inf/nan while the first losses are still
+    # finite. The loss is read only every 3 steps, but the check before the step-2 save stops it.
+    out = subprocess.run(_launch(tmp_path / "run", tmp_path / "datasets", "--config.train.lr=1e39"),
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode != 0
-    assert "non-finite loss" in out.stderr and "the last good checkpoint" in out.stderr
-    assert (tmp_path / "run" / "checkpoints" / "last").is_dir()
+    assert "non-finite loss" in out.stderr and "parameters at step 1" in out.stderr
+    assert "the last good checkpoint" in out.stderr
+    assert _steps(tmp_path / "run") == []
+
+
+def test_unknown_best_metric_is_an_error_before_any_work(tmp_path):
+    out = subprocess.run(_launch(tmp_path / "run", tmp_path / "datasets", "--config.train.best_metric=R@3"),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "train.best_metric='R@3' is not one of the validation metrics R@1, R@5" in out.stderr
+    assert not (tmp_path / "datasets").exists()
+
+
+def test_step_metrics_name_the_first_non_finite_step():
+    class FakeRun:
+        workdir = Path("/w")
+
+    metrics = loop.StepMetrics(FakeRun(), "epoch 1/2 round 1/2")
+    for loss, finite in ((0.5, True), (0.25, True), (0.1, False)):
+        metrics.add({"loss": jnp.float32(loss), "finite": jnp.bool_(finite)})
+    with pytest.raises(FloatingPointError, match=r"at step 7 \(epoch 1/2 round 1/2\).*/w/checkpoints is kept"):
+        metrics.read(loop.Progress(step=8))
+    metrics = loop.StepMetrics(FakeRun(), "")
+    metrics.add({"loss": jnp.float32(0.5), "finite": jnp.bool_(True)})
+    assert metrics.read(loop.Progress(step=1)) == [0.5]
 
 
 def test_smoke_config_is_valid():

@@ -4,6 +4,9 @@ Submodules are imported on demand so that `import vgjax` stays cheap:
   vgjax.data.vg_folder  dataset folders in the VPR-datasets-downloader format -> Split
   vgjax.index           faiss indexes (exact and approximate) by name
   vgjax.evaluate        recall@N, the benchmark's query test methods, PCA, `evaluate()`
+  vgjax.metrics         a run's metrics.jsonl and TensorBoard events (MetricWriter)
+  vgjax.logs            a run's log.txt: its console output, progress bars in their final state
+  vgjax.runtime         the cache folder and JAX's persistent compilation cache
 
 Importing vgjax sets vgjax's default XLA CPU flags (vgjax.xla_flags) before jax starts.
 """

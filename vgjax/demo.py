@@ -3,7 +3,7 @@
 1. The ViZDoom world (vgjax.data.demo_world) is rendered into the datasets folder, once.
 2. (a) random init: the configured network with random weights is evaluated on the test split.
 3. (b) Places365: the same network with the Places365 ResNet-18 backbone, untrained.
-4. (c) trained: (b) trained with triplets and partial mining by vgjax.train (validated every
+4. (c) trained: (b) trained with triplets and partial mining by vgjax.train.triplet (validated every
    epoch on val; the best epoch is tested), resumed from <workdir>/trained if interrupted.
 
 Every stage writes pictures of its predictions and a map to <workdir>/<stage>/predictions, and
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import evaluate, train, visualize
+from vgjax import embed, evaluate, visualize
 from vgjax.data.vg_folder import Split, load_split
-from vgjax.models import geoloc_net, places365, pretrained
+from vgjax.models import places365, pretrained
+from vgjax.train import loop, triplet
 
 STAGES = {"random_init": "(a) random init", "places365": "(b) Places365, untrained",
           "trained": "(c) trained"}
@@ -40,7 +41,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, dataset_dir: Path) -> 
         stages["places365"] = {"skipped": unavailable}
     else:
         stages["places365"] = _evaluate_stage(config, pretrain, test, workdir / "places365")
-    trained = train.train_and_evaluate(_with_pretrain(config, pretrain), workdir / "trained", dataset_dir)
+    train_config = _with_pretrain(config, pretrain)
+    trained = loop.train_and_evaluate(train_config, workdir / "trained", triplet.Triplet(train_config, dataset_dir))
     stages["trained"] = {"test": trained["test"], "pretrain": pretrain, "epochs": len(trained["val_history"]),
                          "best_val_recall": trained["best_val_recall"],
                          "train_images_per_second": trained["train_images_per_second"]}
@@ -79,7 +81,7 @@ def _evaluate_stage(config, pretrain: str, split: Split, out_dir: Path) -> dict:
     config = _with_pretrain(config, pretrain)
     image_size = tuple(config.data.resize)
     model, variables = pretrained.build_and_load(config.model, image_size, config.seed)
-    result = evaluate.evaluate(geoloc_net.make_embed_fn(model, variables), split,
+    result = evaluate.evaluate(embed.make_embed_fn(model, variables), split,
                                test_method=config.eval.test_method, resize=image_size,
                                recall_values=tuple(config.eval.recall_values),
                                batch_size=config.data.infer_batch_size,

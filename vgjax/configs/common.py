@@ -44,25 +44,30 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     config.train = ml_collections.ConfigDict(dict(
-        train_batch_size=4,
+        train_batch_size=4,  # triplet: query tuples per step; CosPlace: classes (images) per step
         criterion="triplet",
         margin=0.1,
         epochs_num=1000,
-        patience=3,
+        patience=3,  # epochs without a better best_metric before stopping; 0: never stop early
         lr=1e-5,
         lr_crn_layer=5e-3,
         lr_crn_net=5e-4,
         optim="adam",
-        checkpoint_every_steps=0,  # also checkpoint inside a mining round every N steps (0: rounds only)
+        best_metric="R@5",  # the validation recall that picks the best checkpoint and drives patience
+        log_every_steps=50,  # read the loss back from the device (and log it) every N steps
+        checkpoint_every_steps=0,  # also checkpoint inside a round every N steps (0: rounds only)
+        keep_checkpoints=2,  # the newest N checkpoints are kept, and the best one
         profile_steps=0,  # >0: a JAX profiler trace of that many steps into <workdir>/profile
         distributed=False,  # multi-host: jax.distributed.initialize() from the environment
+        # Augmentations (triplet: the queries only, benchmark order; CosPlace: every image,
+        # colour jitter in a random order per image).
         brightness=0.0,
         contrast=0.0,
         saturation=0.0,
         hue=0.0,
         rand_perspective=0.0,
         horizontal_flip=False,
-        random_resized_crop=0.0,
+        random_resized_crop=0.0,  # scale range (1 - x, 1)
         random_rotation=0.0,
     ))
 
@@ -72,6 +77,18 @@ def get_config() -> ml_collections.ConfigDict:
         queries_per_epoch=5000,
         negs_num_per_query=10,
         neg_samples_num=1000,
+    ))
+
+    # CosPlace training (mode train_cosplace), reference.md §5: its folders, the partition into
+    # classes and groups, and its classifiers. lr, optimizer, epochs, patience, batch size and
+    # augmentations are the train section's.
+    config.cosplace = ml_collections.ConfigDict(dict(
+        train_folder="", val_folder="", test_folder="",  # absolute, or relative to <datasets_folder>/<dataset_name>
+        test_queries_folder="queries_v1",
+        M=10, alpha=30, N=5, L=2, groups_num=8, min_images_per_class=10,
+        train_all_layers=False,
+        iterations_per_epoch=10000,
+        classifiers_lr=0.01,
     ))
 
     config.eval = ml_collections.ConfigDict(dict(

@@ -1,0 +1,1 @@
+"""Every option and its default (common.py), shipped inside the package."""

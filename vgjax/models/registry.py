@@ -1,0 +1,99 @@
+"""The ONE backbone registry: everything vgjax knows about a `model.backbone` name.
+
+Each entry holds the Flax module class and its fixed fields (e.g. ResNet depth and last stage),
+the fields it takes from the model config, its output channels, whether it outputs tokens
+[B, T, C] (CCT/ViT) rather than maps [B, h, w, C], the input sizes it needs, the aggregations the
+benchmark allows after it (reference §1.1), and its family module, which holds
+`import_torch(reader, prefix, **fields)` and `trainable_mask(params, ...)`.
+`geoloc_net` (build, descriptor_dim, trainable_mask) and `pretrained` (weight import) read this
+table; no other module lists backbones.
+
+Aggregation names: POOLINGS take the `l2` wrapper; TOKEN_OUTPUTS (cls, seqpool) are computed by
+the token backbones themselves, without an aggregation module; the others are modules of
+`aggregators.AGGREGATIONS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+
+from vgjax.models.backbones import alexnet, cct, resnet, vgg, vit
+
+POOLINGS = ("gem", "spoc", "mac", "rmac")
+TOKEN_OUTPUTS = ("cls", "seqpool")
+AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + TOKEN_OUTPUTS
+_CNN_AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm")
+
+# Module fields that come from the model config (and the input size), by field name.
+_CONFIG_FIELDS: dict[str, Callable[[ml_collections.ConfigDict, tuple[int, int]], Any]] = {
+    "frozen_bn": lambda config, size: bool(config.get("frozen_bn", False)),
+    "trunc_te": lambda config, size: config.trunc_te,
+    "output": lambda config, size: (config.aggregation if config.aggregation in TOKEN_OUTPUTS
+                                    else "tokens"),
+    "image_size": lambda config, size: int(size[0]),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """One named backbone.
+
+    Attributes:
+      name: the `model.backbone` value.
+      module: the Flax module class.
+      fields: its fixed fields (depth, last_stage for ResNets).
+      config_fields: its fields read from the model config / input size (see `module_fields`).
+      channels: C of its output maps or tokens.
+      tokens: True when it outputs tokens [B, T, C] (and takes trunc_te, freeze_te).
+      family: the module holding `import_torch` and `trainable_mask`.
+      aggregations: the aggregations the benchmark allows after it.
+      image_sizes: the (H, W) it accepts; empty = any.
+    """
+
+    name: str
+    module: type[nn.Module]
+    fields: Mapping[str, Any]
+    config_fields: tuple[str, ...]
+    channels: int
+    tokens: bool
+    family: types.ModuleType
+    aggregations: tuple[str, ...]
+    image_sizes: tuple[tuple[int, int], ...] = ()
+
+    def module_fields(self, config: ml_collections.ConfigDict, image_size: tuple[int, int]) -> dict:
+        """Every field of `module` except dtype, for a model config and input size (H, W); the
+        family's `import_torch` takes the same keywords."""
+        return {**self.fields, **{name: _CONFIG_FIELDS[name](config, image_size)
+                                  for name in self.config_fields}}
+
+
+def _resnet(depth: int, last_stage: int) -> Backbone:
+    return Backbone(f"resnet{depth}conv{last_stage}", resnet.ResNet,
+                    {"depth": depth, "last_stage": last_stage}, ("frozen_bn",),
+                    resnet.resnet_channels(depth, last_stage), False, resnet, _CNN_AGGREGATIONS)
+
+
+_REGISTRY = {entry.name: entry for entry in (
+    Backbone("alexnet", alexnet.AlexNet, {}, (), 256, False, alexnet, _CNN_AGGREGATIONS),
+    Backbone("vgg16", vgg.VGG16, {}, (), 512, False, vgg, _CNN_AGGREGATIONS),
+    *(_resnet(depth, last_stage) for depth in (18, 50, 101) for last_stage in (4, 5)),
+    Backbone("cct384", cct.CCT, {}, ("trunc_te", "output"), 384, True, cct,
+             ("netvlad", "gem", "cls", "seqpool"), ((384, 384),)),
+    Backbone("vit", vit.ViT, {}, ("trunc_te", "output", "image_size"), 768, True, vit,
+             ("cls", "gem", "netvlad"), ((224, 224), (384, 384))),
+)}
+
+BACKBONES = tuple(_REGISTRY)
+
+
+def backbone(name: str) -> Backbone:
+    """The registry entry of `name`; ValueError naming the available backbones otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    return _REGISTRY[name]

@@ -1,0 +1,60 @@
+"""The download cache for weight files: $VGJAX_CACHE (default ~/.cache/vgjax)/weights.
+
+`fetch(url)` returns the cached copy of a URL, downloading it first (and checking a
+torchvision-style sha256 prefix in its name) unless downloads are off (`offline=True` or
+$VGJAX_OFFLINE set), in which case a missing file is an error. `pretrained` (torchvision
+ImageNet weights) and `places365` (its converted .npz) both keep their files here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from vgjax.models.convert import WeightImportError
+
+
+def cache_dir() -> Path:
+    """$VGJAX_CACHE, else ~/.cache/vgjax."""
+    return Path(os.environ.get("VGJAX_CACHE", Path.home() / ".cache" / "vgjax"))
+
+
+def downloads_off(offline: bool | None = None) -> bool:
+    """`offline` when given, else whether $VGJAX_OFFLINE is set."""
+    return offline if offline is not None else bool(os.environ.get("VGJAX_OFFLINE"))
+
+
+def fetch(url: str, *, offline: bool | None = None) -> Path:
+    """The cached copy of `url` under cache_dir()/weights, downloading it first if missing.
+
+    A torchvision-style hash prefix in the file name (name-<sha256[:8+]>.ext) is verified. With
+    `offline` (default: $VGJAX_OFFLINE set), a missing file is an error, never a download.
+    """
+    target = cache_dir() / "weights" / url.rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    if downloads_off(offline):
+        raise FileNotFoundError(f"{target} is not cached and downloads are off (VGJAX_OFFLINE); "
+                                f"download {url} there, or pass a local file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}") as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    expected = re.search(r"-([0-9a-f]{8,})\.[a-z.]+$", target.name)
+    if expected and not digest.hexdigest().startswith(expected.group(1)):
+        partial.unlink()
+        raise WeightImportError(f"{url}: sha256 {digest.hexdigest()[:16]}... does not match the "
+                                f"name's {expected.group(1)}")
+    partial.rename(target)
+    return target
