@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vgjax.models import aggregators, registry
 from vgjax.models.aggregators import l2_normalize
@@ -141,13 +142,19 @@ def init_variables(model: GeoLocalizationNet, image_size: tuple[int, int], seed:
 
     The network itself is never compiled: XLA drops the forward pass, whose output `init` does
     not return, so the image size costs nothing. What compiles is the random draw of every
-    initialised parameter, one threefry kernel each (0.1-0.3 s of XLA:CPU time apiece); they
-    are traced with threefry's non-partitionable layout (the same generator, laid out for one
-    device), which compiles about twice as fast. The values depend on `seed` only.
+    initialised parameter (0.1-0.3 s of XLA:CPU time apiece), which JAX's persistent
+    compilation cache keeps for later launches. The values depend on `seed` only.
     """
     images = jnp.zeros((1, *image_size, 3), jnp.float32)
-    with jax.threefry_partitionable(False):
-        return jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), images)
+    return jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), images)
+
+
+def variable_shapes(model: GeoLocalizationNet, image_size: tuple[int, int]) -> dict:
+    """Zero-filled numpy variables of the right shapes and dtypes, without compiling anything:
+    the target of a restore that overwrites every value."""
+    images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
 
 
 def trainable_mask(config: ml_collections.ConfigDict, params: dict) -> dict:

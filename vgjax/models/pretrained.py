@@ -243,12 +243,13 @@ def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[in
 
     With `weights_from_checkpoint` the caller overwrites every weight from its own training
     checkpoint: model.resume and model.pretrain are not read (no download, no file), and the
-    random variables only give the tree its structure, shapes and dtypes.
+    variables are zeros that only give the tree its structure, shapes and dtypes (nothing is
+    compiled).
     """
     model = geoloc_net.build(model_config, image_size)
-    variables = geoloc_net.init_variables(model, image_size, seed)
     if weights_from_checkpoint:
-        return model, variables
+        return model, geoloc_net.variable_shapes(model, image_size)
+    variables = geoloc_net.init_variables(model, image_size, seed)
     if model_config.resume:
         if model_config.resume_format not in RESUME_FORMATS:
             raise ValueError(f"unknown model.resume_format {model_config.resume_format!r}; "
