@@ -45,6 +45,10 @@ from vgjax.train import checkpoint
 from vgjax.train.state import Head, TrainState, create_state
 
 CHECKPOINT_FOLDER = "checkpoints"
+# Steps queued on the device at most: enough to keep it busy while the host prepares the next
+# ones, and a bound on what waits in host memory. (XLA:CPU's cross-device all-reduce also
+# deadlocks with fake CPU devices once some 20-50 steps are queued; see jax_stack.md.)
+MAX_STEPS_IN_FLIGHT = 4
 
 
 @dataclasses.dataclass
@@ -277,7 +281,7 @@ def _train_round(run: Run, progress: Progress) -> None:
     metrics = StepMetrics(run, where)
     head = method.head(progress)
     bar = tqdm(total=num_batches, initial=progress.batch, unit="step", desc=where)
-    steps, start = 0, None
+    steps, start, in_flight = 0, None, collections.deque()
     for batch in prefetch_to_device(method.batches(progress), run.mesh):
         step_fn = run.compiled_step(head, batch)
         start = start or time.perf_counter()
@@ -285,6 +289,9 @@ def _train_round(run: Run, progress: Progress) -> None:
         run.state, head, step_metrics = step_fn(run.state, head, batch)
         run.tracer.after_step(step_metrics)
         metrics.add(step_metrics)
+        in_flight.append(step_metrics["loss"])
+        if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+            in_flight.popleft().block_until_ready()
         progress.batch, progress.step, steps = progress.batch + 1, progress.step + 1, steps + 1
         bar.update(1)
         if progress.batch % log_every == 0:
