@@ -245,8 +245,12 @@ def test_negatives_are_nearest_first_and_the_hardest():
 
 
 def test_tie_rules():
-    """All database descriptors equal: the lowest hard positive; the first candidates."""
-    db_desc = np.ones((300, DIM), np.float32)
+    """All database descriptors equal: the lowest hard positive; the first candidates.
+
+    They are zeros, so that every distance is exactly |q|^2 whatever the matmul kernel: with
+    equal non-zero rows, CPU matmul kernels may round the columns of a block tail differently
+    by an ulp, which breaks the tie before top_k sees it (seen on AVX-512 machines)."""
+    db_desc = np.zeros((300, DIM), np.float32)
     q_desc = np.random.default_rng(0).normal(size=(60, DIM)).astype(np.float32)
     for method, (plan, triplets) in _all_methods_rounds(0):
         tied = mining.select_triplets(plan, QUERIES, q_desc[QUERIES.query_indices[plan.queries]],

@@ -6,22 +6,30 @@ call, as mining, validation and profiling do. A batch whose size divides by the 
 devices is sharded over the mesh's data axis (each process passes its own rows); other batches
 run unsharded. `make_embed_fn(model, variables)` binds fixed variables on top of it, over the
 devices of this process (evaluation, the demo); `make_features_fn` returns backbone features
-instead of descriptors (NetVLAD init).
+instead of descriptors (NetVLAD init). `embed_images(embed_fn, paths, transform, batch_size)`
+runs any such function over image files (grain pipeline, fixed batch shape, the last batch
+padded): evaluation, mining and PCA embed through it.
 
 vgjax.models never imports this module; it imports the models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from vgjax import sharding
-from vgjax.data import augment
+from vgjax.data import augment, pipeline
 from vgjax.models.geoloc_net import GeoLocalizationNet
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]
+"""uint8 [B, H, W, 3] RGB images (not normalized) -> float [B, D] descriptors."""
 
 
 def make_sharded_embed_fn(model: GeoLocalizationNet, mesh: Mesh) -> Callable[[dict, np.ndarray], np.ndarray]:
@@ -57,3 +65,52 @@ def make_features_fn(model: GeoLocalizationNet, variables: dict) -> Callable[[np
     jitted = jax.jit(lambda variables, images: model.apply(
         variables, augment.normalize_uint8(images), method=GeoLocalizationNet.backbone_features))
     return lambda images: np.asarray(jitted(variables, images))
+
+
+@dataclasses.dataclass
+class EmbedTiming:
+    """first_batch_seconds includes compilation; steady_* cover the later batches."""
+
+    images: int = 0
+    wall_seconds: float = 0.0
+    first_batch_seconds: float = 0.0
+    steady_images: int = 0
+    steady_seconds: float = 0.0
+
+
+def embed_images(embed_fn: EmbedFn, paths: Sequence[str], transform: pipeline.ImageTransform,
+                 batch_size: int, *, desc: str = "embedding", progress: bool = True,
+                 num_threads: int = 2, loader: pipeline.ImageLoader | None = None
+                 ) -> tuple[np.ndarray, EmbedTiming]:
+    """Descriptors of images: float32 [N * crops, D] (crops = 5 for five-crop transforms).
+
+    Every batch handed to `embed_fn` has the same shape (the last is zero-padded). `loader`
+    (path -> uint8 image) replaces decoding the files, e.g. a packed split's.
+    """
+    timing = EmbedTiming(images=len(paths))
+    rows: list[np.ndarray] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    for batch in pipeline.inference_batches(paths, transform, batch_size, num_threads=num_threads,
+                                            loader=loader):
+        images = batch.images
+        crops = images.shape[1] if images.ndim == 5 else 1
+        tick = time.perf_counter()
+        out = np.asarray(embed_fn(images.reshape(-1, *images.shape[-3:])), dtype=np.float32)
+        seconds = time.perf_counter() - tick
+        if out.ndim != 2 or len(out) != len(images) * crops:
+            raise ValueError(f"embed_fn returned shape {out.shape} for {len(images) * crops} images; "
+                             "expected [num_images, D]")
+        if batch.start == 0:
+            timing.first_batch_seconds = seconds
+        else:
+            timing.steady_seconds += seconds
+            timing.steady_images += batch.num_valid
+        rows.append(out[:batch.num_valid * crops])
+        bar.update(batch.num_valid)
+    bar.close()
+    timing.wall_seconds = time.perf_counter() - start
+    descriptors = np.concatenate(rows)
+    if not np.isfinite(descriptors).all():
+        raise FloatingPointError(f"{desc}: embed_fn produced non-finite descriptors")
+    return descriptors, timing

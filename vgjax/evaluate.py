@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from vgjax import index as index_lib
+from vgjax.embed import EmbedFn, EmbedTiming, embed_images
 from vgjax.data import images as image_ops
 from vgjax.data import pipeline
 from vgjax.data.vg_folder import Positives, Split, list_images
@@ -42,8 +42,6 @@ MULTI_CROP_METHODS = ("five_crops", "nearest_crop", "maj_voting")
 NUM_CROPS = 5
 MAJ_VOTING_TOP_NS = (1, 5, 10)
 
-EmbedFn = Callable[[np.ndarray], np.ndarray]
-"""uint8 [B, H, W, 3] RGB images (not normalized) -> float [B, D] descriptors."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,56 +320,7 @@ def fit_pca_on_folder(embed_fn: EmbedFn, folder: str | os.PathLike, dim: int, *,
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedding and export.
-
-
-@dataclasses.dataclass
-class EmbedTiming:
-    """first_batch_seconds includes compilation; steady_* cover the later batches."""
-
-    images: int = 0
-    wall_seconds: float = 0.0
-    first_batch_seconds: float = 0.0
-    steady_images: int = 0
-    steady_seconds: float = 0.0
-
-
-def embed_images(embed_fn: EmbedFn, paths: Sequence[str], transform: pipeline.ImageTransform,
-                 batch_size: int, *, desc: str = "embedding", progress: bool = True,
-                 num_threads: int = 2, loader: pipeline.ImageLoader | None = None
-                 ) -> tuple[np.ndarray, EmbedTiming]:
-    """Descriptors of images: float32 [N * crops, D] (crops = 5 for five-crop transforms).
-
-    Every batch handed to `embed_fn` has the same shape (the last is zero-padded). `loader`
-    (path -> uint8 image) replaces decoding the files, e.g. a packed split's.
-    """
-    timing = EmbedTiming(images=len(paths))
-    rows: list[np.ndarray] = []
-    start = time.perf_counter()
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
-    for batch in pipeline.inference_batches(paths, transform, batch_size, num_threads=num_threads,
-                                            loader=loader):
-        images = batch.images
-        crops = images.shape[1] if images.ndim == 5 else 1
-        tick = time.perf_counter()
-        out = np.asarray(embed_fn(images.reshape(-1, *images.shape[-3:])), dtype=np.float32)
-        seconds = time.perf_counter() - tick
-        if out.ndim != 2 or len(out) != len(images) * crops:
-            raise ValueError(f"embed_fn returned shape {out.shape} for {len(images) * crops} images; "
-                             "expected [num_images, D]")
-        if batch.start == 0:
-            timing.first_batch_seconds = seconds
-        else:
-            timing.steady_seconds += seconds
-            timing.steady_images += batch.num_valid
-        rows.append(out[:batch.num_valid * crops])
-        bar.update(batch.num_valid)
-    bar.close()
-    timing.wall_seconds = time.perf_counter() - start
-    descriptors = np.concatenate(rows)
-    if not np.isfinite(descriptors).all():
-        raise FloatingPointError(f"{desc}: embed_fn produced non-finite descriptors")
-    return descriptors, timing
+# Export.
 
 
 def export_descriptors(out_dir: str | os.PathLike, split: Split, database_descriptors: np.ndarray,

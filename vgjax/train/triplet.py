@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgjax import evaluate
+from vgjax import embed, evaluate
 from vgjax.data import augment, packed, pipeline
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.train import losses, mining
@@ -185,10 +185,10 @@ class Triplet(Method):
                                  weights=self.weights, neg_cache=self.neg_cache)
         transform = evaluate.query_transform("hard_resize", run.image_size)
         batch = config.data.infer_batch_size
-        database, _ = evaluate.embed_images(run.embed_fn, [split.database_paths[i] for i in plan.database_to_embed],
+        database, _ = embed.embed_images(run.embed_fn, [split.database_paths[i] for i in plan.database_to_embed],
                                             transform, batch, desc="caching database", loader=self.loader)
         query_paths = [split.query_paths[self.queries.query_indices[i]] for i in plan.queries]
-        queries, _ = evaluate.embed_images(run.embed_fn, query_paths, transform, batch,
+        queries, _ = embed.embed_images(run.embed_fn, query_paths, transform, batch,
                                            desc="caching queries", loader=self.loader)
         self.tuples = mining.select_triplets(plan, self.queries, queries, database, config.mining.negs_num_per_query)
         if config.mining.mining == "full":
