@@ -303,7 +303,7 @@ def test_step_metrics_name_the_first_non_finite_step():
     metrics = loop.StepMetrics(FakeRun(), "epoch 1/2 round 1/2")
     for loss, finite in ((0.5, True), (0.25, True), (0.1, False)):
         metrics.add({"loss": jnp.float32(loss), "finite": jnp.bool_(finite)})
-    with pytest.raises(FloatingPointError, match=r"at step 7 \(epoch 1/2 round 1/2\).*/w/checkpoints is kept"):
+    with pytest.raises(FloatingPointError, match=r"at step 8 \(epoch 1/2 round 1/2\).*/w/checkpoints is kept"):
         metrics.read(loop.Progress(step=8))
     metrics = loop.StepMetrics(FakeRun(), "")
     metrics.add({"loss": jnp.float32(0.5), "finite": jnp.bool_(True)})
