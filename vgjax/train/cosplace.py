@@ -110,7 +110,6 @@ class CosPlace(Method):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        check_config(config)
         cfg = config.cosplace
         self.train_all_layers = cfg.train_all_layers
         self.train_folder = Path(cfg.train_folder)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import re
 import time
 from pathlib import Path
@@ -201,8 +202,7 @@ class Run:
 
     def compiled_step(self, head, batch):
         """The method's step compiled for these shapes; says how long compiling took."""
-        key = jax.tree.map(lambda x: (x.shape, x.dtype), (head, batch))
-        key = str(key)
+        key = str(jax.tree.map(lambda x: (x.shape, x.dtype), (head, batch)))
         if key not in self._compiled:
             print("Compiling the training step...", flush=True)
             start = time.perf_counter()
@@ -244,8 +244,8 @@ class StepMetrics:
         self.pending.append(metrics)
 
     def read(self, progress: Progress) -> list[float]:
-        """The pending losses (added to the epoch's in `progress`); raises FloatingPointError naming the first step whose loss or
-        updated parameters are not finite (the last good checkpoint is kept)."""
+        """The pending losses (also added to the epoch's in `progress`); raises FloatingPointError
+        naming the first step whose loss or updated parameters are not finite."""
         values = jax.device_get(self.pending)
         first = progress.step - len(values)
         for i, value in enumerate(values):
@@ -280,11 +280,14 @@ def _train_round(run: Run, progress: Progress) -> None:
     where = f"epoch {progress.epoch + 1}/{config.train.epochs_num} round {progress.round + 1}/{rounds}"
     metrics = StepMetrics(run, where)
     head = method.head(progress)
+    batches = prefetch_to_device(method.batches(progress), run.mesh)
+    first = next(batches, None)
+    if first is None:
+        return
+    step_fn = run.compiled_step(head, first)  # every batch of a round has the same shapes
     bar = tqdm(total=num_batches, initial=progress.batch, unit="step", desc=where)
-    steps, start, in_flight = 0, None, collections.deque()
-    for batch in prefetch_to_device(method.batches(progress), run.mesh):
-        step_fn = run.compiled_step(head, batch)
-        start = start or time.perf_counter()
+    steps, start, in_flight = 0, time.perf_counter(), collections.deque()
+    for batch in itertools.chain([first], batches):
         run.tracer.before_step()
         run.state, head, step_metrics = step_fn(run.state, head, batch)
         run.tracer.after_step(step_metrics)
@@ -303,9 +306,8 @@ def _train_round(run: Run, progress: Progress) -> None:
     _log_losses(run, progress, metrics.read(progress), bar)
     bar.close()
     method.keep_head(head, progress)
-    if steps:
-        rate = steps * method.images_per_batch() / (time.perf_counter() - start)
-        progress.train_images_per_second.append(rate)
+    rate = steps * method.images_per_batch() / (time.perf_counter() - start)
+    progress.train_images_per_second.append(rate)
 
 
 def _log_losses(run: Run, progress: Progress, losses: list[float], bar) -> None:

@@ -125,7 +125,6 @@ class Triplet(Method):
 
     def __init__(self, config: ml_collections.ConfigDict, dataset_dir: Path):
         super().__init__(config)
-        check_config(config)
         self.dataset_dir = dataset_dir
         data, negs = config.data, config.mining.negs_num_per_query
         self.train_split = load_split(dataset_dir, "train", data.val_positive_dist_threshold)
