@@ -278,6 +278,42 @@ def test_lost_last_commit_and_damaged_latest_checkpoint_resume_exactly(straight)
     _assert_same_run(root / "straight", workdir)
 
 
+def _snapshot(workdir) -> dict:
+    """Every file of a run but its eval/ results and log.txt (which every command appends to)."""
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in Path(workdir).rglob("*")
+            if p.is_file() and "eval" not in p.parts and p.name != "log.txt"}
+
+
+@pytest.mark.slow
+def test_evaluating_a_run_uses_its_best_checkpoint_and_changes_nothing_of_it(straight):
+    root, _ = straight
+    workdir = root / "straight"
+    before = _snapshot(workdir)
+    # The package defaults (resnet18conv4 + netvlad): architecture keys left at their defaults
+    # come from the run (gem), so only the data options are given.
+    command = [sys.executable, "launch.py", "--config", "vgjax/configs/common.py", "--mode", "eval",
+               "--workdir", str(workdir), f"--config.data.datasets_folder={root / 'datasets'}",
+               "--config.data.dataset_name=aerial_smoke", "--config.data.resize=(64, 64)",
+               "--config.data.infer_batch_size=8", "--config.eval.recall_values=(1, 5)"]
+    out = _run(command)
+    results = json.loads((workdir / "results.json").read_text())
+    best_step = 8 * (results["best_epoch"] + 1)  # 8 steps per epoch, validated at its end
+    assert f"Evaluating the best checkpoint (step {best_step}) of the run in {workdir}" in out.stdout
+    evaluation = json.loads((workdir / "eval" / "aerial_smoke_test_hard_resize.json").read_text())
+    assert evaluation["recalls"] == results["test"] and evaluation["network"]["aggregation"] == "gem"
+    assert _snapshot(workdir) == before  # results.json, config.json, metrics, checkpoints
+    # An explicitly different network is refused before anything is written.
+    refused = subprocess.run(command + ["--config.model.backbone=resnet50conv4"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "trained with another network: model.backbone='resnet50conv4' (the run's: 'resnet18conv4')" in refused.stderr
+    # So is training again in it with another network, before config.json is replaced.
+    refused = subprocess.run(_launch(workdir, root / "datasets", "--config.model.aggregation=netvlad"),
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "holds a run of another network: model.aggregation='netvlad'" in refused.stderr
+    assert _snapshot(workdir) == before
+
+
 def test_non_finite_parameters_are_caught_before_any_save(tmp_path):
     # lr 1e39 overflows float32: the parameters become inf/nan while the first losses are still
     # finite. The loss is read only every 3 steps, but the check before the step-2 save stops it.

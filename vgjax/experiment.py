@@ -4,6 +4,9 @@ Modes:
   demo: the main job on the ViZDoom world: random init vs Places365 vs trained (vgjax.demo).
   eval: evaluate a model on `config.eval.split` with `config.eval.test_method` (or "all" of the
     benchmark's test methods), write results.json (and descriptors on request) to the workdir.
+    A vgjax training workdir (given as --workdir, or as model.resume) is evaluated with its best
+    checkpoint (model.resume_checkpoint) and the architecture it was trained with; results go
+    to <workdir>/eval/, and the run's results.json, config.json and checkpoints stay untouched.
   train: triplet training with mining (vgjax.train.triplet) on the shared training engine
     (vgjax.train.loop): validation each epoch, early stopping, exact resume from the workdir's
     checkpoints; then the best network is tested.
@@ -30,8 +33,8 @@ from vgjax import evaluate as evaluate_lib
 from vgjax.configs import common
 from vgjax.data import demo_world, packed, synthetic
 from vgjax.data.vg_folder import load_split
-from vgjax.models import pretrained
-from vgjax.train import cosplace, loop, triplet
+from vgjax.models import geoloc_net, pretrained
+from vgjax.train import checkpoint, cosplace, loop, triplet
 
 MODES = ("demo", "train", "train_cosplace", "eval", "profile", "pack")
 BASELINES = ("tiny_image",)
@@ -44,8 +47,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; available: {MODES}")
     workdir = Path(workdir)
+    trained_here = checkpoint.run_folder(workdir) is not None
+    if trained_here and mode in ("train", "train_cosplace"):
+        _check_same_architecture(config, workdir)  # before config.json is replaced
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if not (trained_here and mode == "eval"):
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     if config.train.distributed:
         sharding.initialize_distributed()
     runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace,
@@ -87,6 +94,45 @@ def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) 
                                        image_size=tuple(config.data.resize))
     partial.rename(path)
     return path
+
+
+ARCHITECTURE_KEYS = ("backbone", "aggregation", "l2", "netvlad_clusters", "fc_output_dim", "trunc_te")
+
+
+def _architecture_differences(model_config, saved_model: dict, *, keep_defaults: bool) -> list[str]:
+    """"model.key=value (the run's: value)" for each architecture key that differs from the
+    saved run's; with keep_defaults, a key left at its default is not a difference."""
+    defaults = common.get_config().model
+    return [f"model.{key}={model_config[key]!r} (the run's: {saved_model[key]!r})"
+            for key in ARCHITECTURE_KEYS
+            if model_config[key] != saved_model[key] and not (keep_defaults and model_config[key] == defaults[key])]
+
+
+def _check_same_architecture(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Training again in a workdir that holds a run: the network must be the same."""
+    saved = json.loads((workdir / checkpoint.RUN_CONFIG).read_text())
+    differences = _architecture_differences(config.model, saved["model"], keep_defaults=False)
+    if differences:
+        raise ValueError(f"{workdir} holds a run of another network: {', '.join(differences)}; "
+                         "use a new workdir")
+
+
+def run_network(config: ml_collections.ConfigDict, run: Path) -> tuple[ml_collections.ConfigDict, evaluate_lib.EmbedFn]:
+    """(config with the run's architecture, an embed function of its model.resume_checkpoint).
+    Architecture keys left at their defaults take the run's values; others must agree."""
+    saved, variables, step = checkpoint.read_run(run, config.model.resume_checkpoint)
+    differences = _architecture_differences(config.model, saved["model"], keep_defaults=True)
+    if differences:
+        raise ValueError(f"{run} was trained with another network: {', '.join(differences)}")
+    config = config.copy_and_resolve_references()
+    for key in ARCHITECTURE_KEYS:
+        config.model[key] = saved["model"][key]
+    size = tuple(config.data.resize)
+    model = geoloc_net.build(config.model, size)
+    variables = pretrained.merge_variables(geoloc_net.variable_shapes(model, size), variables)
+    print(f"Evaluating the {config.model.resume_checkpoint} checkpoint (step {step}) of the run in {run}: "
+          f"{config.model.backbone} + {config.model.aggregation}")
+    return config, embed.make_embed_fn(model, variables)
 
 
 def build_embed_fn(config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
@@ -148,12 +194,29 @@ def _results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _eval_output(config: ml_collections.ConfigDict, workdir: Path, method: str) -> Path:
+    """Where one test method's results go in a training workdir:
+    eval/<dataset>_<split>_<test_method>[_pca<d>][_<index>] (.json, and a folder for pictures)."""
+    name = f"{config.data.dataset_name}_{config.eval.split}_{method}"
+    if config.eval.pca_dim is not None:
+        name += f"_pca{config.eval.pca_dim}"
+    if config.eval.index != "flat":
+        name += f"_{config.eval.index}"
+    return workdir / "eval" / name
+
+
 def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-    """Evaluates the configured model on config.eval.split; writes workdir/results.json."""
+    """Evaluates the configured model (or a training run's network) on config.eval.split; writes
+    workdir/results.json, or workdir/eval/*.json in a training workdir."""
+    run = checkpoint.run_folder(config.model.resume or workdir)  # a weights file is not a run
+    if run is not None:
+        config, embed_fn = run_network(config, run)
     split = load_split(prepare_dataset(config, (config.eval.split,)), config.eval.split,
                        config.data.val_positive_dist_threshold)
     print(split)
-    embed_fn = build_embed_fn(config)
+    if run is None:
+        embed_fn = build_embed_fn(config)
+    in_run = checkpoint.run_folder(workdir) is not None
     pca = _fit_pca(config, embed_fn)
     method = config.eval.test_method
     methods = evaluate_lib.TEST_METHODS if method == "all" else (method,)
@@ -174,19 +237,33 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             "index": result.index,
             "timings": result.timings,
         }
+        out = _eval_output(config, workdir, method) if in_run else workdir
         if config.eval.num_preds_to_save > 0:
-            visualize.save_evaluation_pictures(workdir / "predictions" / method, split,
+            visualize.save_evaluation_pictures(out / "predictions" / method, split,
                                                result.predictions, result.recalls, config.eval,
                                                title=method)
         if config.eval.save_descriptors:
             evaluate_lib.export_descriptors(
-                workdir / "descriptors" / method, split, result.database_descriptors,
+                out / "descriptors" / method, split, result.database_descriptors,
                 result.query_descriptors, test_method=method, pca_dim=config.eval.pca_dim)
+        if in_run:
+            out.parent.mkdir(exist_ok=True)
+            _write_json(out.with_suffix(".json"), {"split": str(split.folder), "test_method": method,
+                                                   "network": run_description(config, run), **results[method]})
+            print(f"Wrote {out.with_suffix('.json')}")
     summary = {"split": str(split.folder), "num_database": split.num_database,
                "num_queries": split.num_queries, "backbone": config.model.backbone,
                "results": results}
     print(_results_table(results))
-    return _write_results(workdir, summary)
+    return summary if in_run else _write_results(workdir, summary)
+
+
+def run_description(config: ml_collections.ConfigDict, run: Path | None) -> dict:
+    """What was evaluated: the architecture and, for a training run, which checkpoint of which run."""
+    network = {key: config.model[key] for key in ARCHITECTURE_KEYS}
+    if run is not None:
+        network.update(run=str(run), checkpoint=config.model.resume_checkpoint)
+    return network
 
 
 def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:

@@ -36,6 +36,7 @@ calls restore("last") before its first save (best_step goes on from the restored
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -45,6 +46,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from vgjax.train.state import merge_params
 
 _COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # "commit_success.txt"
 # orbax's step names without prefix or padding ("16"), and their tmp folders
@@ -232,3 +235,47 @@ def _commit_problem(step: int, folder: Path) -> str | None:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A finished (or running) training run's network, for evaluation elsewhere.
+
+RUN_CONFIG = "config.json"  # what experiment.run writes into every workdir
+CHECKPOINT_FOLDER = "checkpoints"
+
+
+def run_folder(path: str | os.PathLike) -> Path | None:
+    """The workdir when `path` is a vgjax training workdir (or its checkpoints/ folder): a
+    config.json beside a checkpoints/ folder holding at least one committed step; else None."""
+    path = Path(path)
+    workdir = path.parent if path.name == CHECKPOINT_FOLDER else path
+    folder = workdir / CHECKPOINT_FOLDER
+    if not (workdir / RUN_CONFIG).is_file() or not folder.is_dir():
+        return None
+    committed = any(_FOLDER_NAME.fullmatch(child.name) and (child / _COMMIT_FILE).is_file()
+                    for child in folder.iterdir())
+    return workdir if committed else None
+
+
+def read_run(path: str | os.PathLike, which: str = "best") -> tuple[dict, dict, int]:
+    """(the run's config.json as a dict, its network's variables {"params", "batch_stats"} as
+    numpy arrays, the checkpoint's step) from the `which` ("best" or "last") checkpoint of a
+    vgjax training workdir."""
+    workdir = run_folder(path)
+    if workdir is None:
+        raise CheckpointError(f"{path} is not a vgjax training workdir (config.json beside "
+                              f"{CHECKPOINT_FOLDER}/ with a committed checkpoint)")
+    if which not in ("best", "last"):
+        raise ValueError(f"which checkpoint of {workdir}: 'best' or 'last', got {which!r}")
+    checkpoints = Checkpoints(workdir / CHECKPOINT_FOLDER)
+    try:
+        restored = checkpoints.restore(None, which)
+    finally:
+        checkpoints.close()
+    if restored is None:
+        raise CheckpointError(f"{workdir / CHECKPOINT_FOLDER} holds no {which} checkpoint yet")
+    items, _, step = restored
+    train = jax.device_get(items["train"])
+    variables = {"params": merge_params(train["trainable"], train["frozen"]),
+                 "batch_stats": train["batch_stats"]}
+    return json.loads((workdir / RUN_CONFIG).read_text()), variables, step

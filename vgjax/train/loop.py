@@ -45,7 +45,7 @@ from vgjax.models import geoloc_net, netvlad_init, pretrained
 from vgjax.train import checkpoint
 from vgjax.train.state import Head, TrainState, create_state
 
-CHECKPOINT_FOLDER = "checkpoints"
+CHECKPOINT_FOLDER = checkpoint.CHECKPOINT_FOLDER
 # Steps queued on the device at most: enough to keep it busy while the host prepares the next
 # ones, and a bound on what waits in host memory. (XLA:CPU's cross-device all-reduce also
 # deadlocks with fake CPU devices once some 20-50 steps are queued; see jax_stack.md.)
