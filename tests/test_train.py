@@ -24,7 +24,7 @@ from vgjax.configs import common
 from vgjax.data import augment
 from vgjax.data.pipeline import triplet_batches
 from vgjax.models import geoloc_net
-from vgjax.train import loop, state as train_state, triplet
+from vgjax.train import checkpoint, loop, runs, state as train_state, triplet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,7 +298,7 @@ def test_evaluating_a_run_uses_its_best_checkpoint_and_changes_nothing_of_it(str
     out = _run(command)
     results = json.loads((workdir / "results.json").read_text())
     best_step = 8 * (results["best_epoch"] + 1)  # 8 steps per epoch, validated at its end
-    assert f"Evaluating the best checkpoint (step {best_step}) of the run in {workdir}" in out.stdout
+    assert f"Network from the best checkpoint (step {best_step}) of the run in {workdir}" in out.stdout
     evaluation = json.loads((workdir / "eval" / "aerial_smoke_test_hard_resize.json").read_text())
     assert evaluation["recalls"] == results["test"] and evaluation["network"]["aggregation"] == "gem"
     assert _snapshot(workdir) == before  # results.json, config.json, metrics, checkpoints
@@ -312,6 +312,29 @@ def test_evaluating_a_run_uses_its_best_checkpoint_and_changes_nothing_of_it(str
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "holds a run of another network: model.aggregation='netvlad'" in refused.stderr
     assert _snapshot(workdir) == before
+
+
+@pytest.mark.slow
+def test_crn_starts_from_a_vgjax_netvlad_run(straight):
+    root, _ = straight
+    netvlad = root / "netvlad"
+    # 160x160: conv4 maps of 10x10, the 100 local features per image NetVLAD's k-means init takes.
+    options = ["--config.model.netvlad_clusters=4", "--config.train.epochs_num=1", "--config.data.resize=(160, 160)"]
+    _run(_launch(netvlad, root / "datasets", "--config.model.aggregation=netvlad", *options))
+    config = smoke_train.get_config()
+    config.model.update(aggregation="crn", netvlad_clusters=4, resume=str(netvlad))
+    model_config, _, variables = runs.network_from_run(config.model, netvlad, (160, 160), keep_defaults=False)
+    _, saved, _ = checkpoint.read_run(netvlad)
+    assert model_config.aggregation == "crn" and set(variables["params"]["aggregation"]) == {
+        "assignment_kernel", "centroids", "crn"}
+    for part in ("backbone", "aggregation"):  # the run's backbone and NetVLAD layer, exactly
+        jax.tree.map(np.testing.assert_array_equal, saved["params"][part],
+                     {k: v for k, v in variables["params"][part].items() if k != "crn"})
+    out = _run(_launch(root / "crn", root / "datasets", "--config.model.aggregation=crn",
+                       f"--config.model.resume={netvlad}", *options))
+    assert f"Network from the best checkpoint (step 8) of the run in {netvlad}: resnet18conv4 + netvlad" in out.stdout
+    assert "context module starts from scratch" in out.stdout
+    assert json.loads((root / "crn" / "results.json").read_text())["steps"] == 8
 
 
 def test_non_finite_parameters_are_caught_before_any_save(tmp_path):

@@ -33,8 +33,8 @@ from vgjax import evaluate as evaluate_lib
 from vgjax.configs import common
 from vgjax.data import demo_world, packed, synthetic
 from vgjax.data.vg_folder import load_split
-from vgjax.models import geoloc_net, pretrained
-from vgjax.train import checkpoint, cosplace, loop, triplet
+from vgjax.models import pretrained
+from vgjax.train import checkpoint, cosplace, loop, runs, triplet
 
 MODES = ("demo", "train", "train_cosplace", "eval", "profile", "pack")
 BASELINES = ("tiny_image",)
@@ -96,43 +96,13 @@ def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) 
     return path
 
 
-ARCHITECTURE_KEYS = ("backbone", "aggregation", "l2", "netvlad_clusters", "fc_output_dim", "trunc_te")
-
-
-def _architecture_differences(model_config, saved_model: dict, *, keep_defaults: bool) -> list[str]:
-    """"model.key=value (the run's: value)" for each architecture key that differs from the
-    saved run's; with keep_defaults, a key left at its default is not a difference."""
-    defaults = common.get_config().model
-    return [f"model.{key}={model_config[key]!r} (the run's: {saved_model[key]!r})"
-            for key in ARCHITECTURE_KEYS
-            if model_config[key] != saved_model[key] and not (keep_defaults and model_config[key] == defaults[key])]
-
-
 def _check_same_architecture(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Training again in a workdir that holds a run: the network must be the same."""
     saved = json.loads((workdir / checkpoint.RUN_CONFIG).read_text())
-    differences = _architecture_differences(config.model, saved["model"], keep_defaults=False)
+    differences = runs.architecture_differences(config.model, saved["model"], keep_defaults=False)
     if differences:
         raise ValueError(f"{workdir} holds a run of another network: {', '.join(differences)}; "
                          "use a new workdir")
-
-
-def run_network(config: ml_collections.ConfigDict, run: Path) -> tuple[ml_collections.ConfigDict, evaluate_lib.EmbedFn]:
-    """(config with the run's architecture, an embed function of its model.resume_checkpoint).
-    Architecture keys left at their defaults take the run's values; others must agree."""
-    saved, variables, step = checkpoint.read_run(run, config.model.resume_checkpoint)
-    differences = _architecture_differences(config.model, saved["model"], keep_defaults=True)
-    if differences:
-        raise ValueError(f"{run} was trained with another network: {', '.join(differences)}")
-    config = config.copy_and_resolve_references()
-    for key in ARCHITECTURE_KEYS:
-        config.model[key] = saved["model"][key]
-    size = tuple(config.data.resize)
-    model = geoloc_net.build(config.model, size)
-    variables = pretrained.merge_variables(geoloc_net.variable_shapes(model, size), variables)
-    print(f"Evaluating the {config.model.resume_checkpoint} checkpoint (step {step}) of the run in {run}: "
-          f"{config.model.backbone} + {config.model.aggregation}")
-    return config, embed.make_embed_fn(model, variables)
 
 
 def build_embed_fn(config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
@@ -210,7 +180,11 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     workdir/results.json, or workdir/eval/*.json in a training workdir."""
     run = checkpoint.run_folder(config.model.resume or workdir)  # a weights file is not a run
     if run is not None:
-        config, embed_fn = run_network(config, run)
+        model_config, model, variables = runs.network_from_run(config.model, run, tuple(config.data.resize),
+                                                               keep_defaults=True)
+        config = config.copy_and_resolve_references()
+        config.model = model_config
+        embed_fn = embed.make_embed_fn(model, variables)
     split = load_split(prepare_dataset(config, (config.eval.split,)), config.eval.split,
                        config.data.val_positive_dist_threshold)
     print(split)
@@ -260,7 +234,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 def run_description(config: ml_collections.ConfigDict, run: Path | None) -> dict:
     """What was evaluated: the architecture and, for a training run, which checkpoint of which run."""
-    network = {key: config.model[key] for key in ARCHITECTURE_KEYS}
+    network = {key: config.model[key] for key in runs.ARCHITECTURE_KEYS}
     if run is not None:
         network.update(run=str(run), checkpoint=config.model.resume_checkpoint)
     return network

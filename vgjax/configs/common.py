@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
         freeze_te=config_dict.placeholder(int),
         dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
         frozen_bn=False,  # True: BatchNorm of frozen stages stops updating its statistics
-        resume="",  # a whole network to evaluate or to start training from: a weights file, or (eval) a vgjax workdir
+        resume="",  # a whole network to evaluate or to start training from: a weights file or a vgjax workdir
         resume_checkpoint="best",  # of a vgjax workdir: best | last
         resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files)
     ))

@@ -42,7 +42,7 @@ from vgjax import embed, evaluate, profiling, sharding, visualize
 from vgjax.data.vg_folder import Split
 from vgjax.metrics import MetricWriter
 from vgjax.models import geoloc_net, netvlad_init, pretrained
-from vgjax.train import checkpoint
+from vgjax.train import checkpoint, runs
 from vgjax.train.state import Head, TrainState, create_state
 
 CHECKPOINT_FOLDER = checkpoint.CHECKPOINT_FOLDER
@@ -169,8 +169,13 @@ class Run:
         self.checkpoints = checkpoint.Checkpoints(self.workdir / CHECKPOINT_FOLDER,
                                                   keep_last=config.train.keep_checkpoints)
         resuming = self.checkpoints.latest_step() is not None
-        self.model, variables = pretrained.build_and_load(config.model, self.image_size, config.seed,
-                                                          weights_from_checkpoint=resuming)
+        source_run = None if resuming or not config.model.resume else checkpoint.run_folder(config.model.resume)
+        if source_run is not None:  # model.resume is another vgjax run (e.g. NetVLAD for CRN)
+            _, self.model, variables = runs.network_from_run(config.model, source_run, self.image_size,
+                                                             keep_defaults=False, seed=config.seed)
+        else:
+            self.model, variables = pretrained.build_and_load(config.model, self.image_size, config.seed,
+                                                              weights_from_checkpoint=resuming)
         if config.model.aggregation in ("netvlad", "crn") and not config.model.resume and not resuming:
             variables = self._initialize_netvlad(variables)
         state, self.tx = create_state(config, variables, config.seed, train_all_layers=method.train_all_layers)
