@@ -178,7 +178,9 @@ def _eval_output(config: ml_collections.ConfigDict, workdir: Path, method: str) 
 def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Evaluates the configured model (or a training run's network) on config.eval.split; writes
     workdir/results.json, or workdir/eval/*.json in a training workdir."""
-    run = checkpoint.run_folder(config.model.resume or workdir)  # a weights file is not a run
+    in_run = checkpoint.run_folder(workdir) is not None
+    # model.resume may be a run (a weights file is not); else the workdir's own run, if any.
+    run = checkpoint.run_folder(config.model.resume) if config.model.resume else (workdir if in_run else None)
     if run is not None:
         model_config, model, variables = runs.network_from_run(config.model, run, tuple(config.data.resize),
                                                                keep_defaults=True)
@@ -190,7 +192,6 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     print(split)
     if run is None:
         embed_fn = build_embed_fn(config)
-    in_run = checkpoint.run_folder(workdir) is not None
     pca = _fit_pca(config, embed_fn)
     method = config.eval.test_method
     methods = evaluate_lib.TEST_METHODS if method == "all" else (method,)

@@ -17,11 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vgjax.models.convert import WeightImportError
-
-
-def cache_dir() -> Path:
-    """$VGJAX_CACHE, else ~/.cache/vgjax."""
-    return Path(os.environ.get("VGJAX_CACHE", Path.home() / ".cache" / "vgjax"))
+from vgjax.runtime import cache_dir
 
 
 def downloads_off(offline: bool | None = None) -> bool:

@@ -45,7 +45,6 @@ from vgjax.models import geoloc_net, netvlad_init, pretrained
 from vgjax.train import checkpoint, runs
 from vgjax.train.state import Head, TrainState, create_state
 
-CHECKPOINT_FOLDER = checkpoint.CHECKPOINT_FOLDER
 # Steps queued on the device at most: enough to keep it busy while the host prepares the next
 # ones, and a bound on what waits in host memory. (XLA:CPU's cross-device all-reduce also
 # deadlocks with fake CPU devices once some 20-50 steps are queued; see jax_stack.md.)
@@ -166,7 +165,7 @@ class Run:
         self.config, self.workdir, self.method = config, Path(workdir), method
         self.image_size = tuple(config.data.resize)
         self.mesh = sharding.make_mesh()
-        self.checkpoints = checkpoint.Checkpoints(self.workdir / CHECKPOINT_FOLDER,
+        self.checkpoints = checkpoint.Checkpoints(self.workdir / checkpoint.CHECKPOINT_FOLDER,
                                                   keep_last=config.train.keep_checkpoints)
         resuming = self.checkpoints.latest_step() is not None
         source_run = None if resuming or not config.model.resume else checkpoint.run_folder(config.model.resume)
@@ -258,7 +257,7 @@ class StepMetrics:
                 raise FloatingPointError(
                     f"non-finite loss ({float(value['loss'])}) or parameters at step {first + i + 1} "
                     f"({self.where}); stopped without saving: the last good checkpoint in "
-                    f"{self.run.workdir / CHECKPOINT_FOLDER} is kept")
+                    f"{self.run.workdir / checkpoint.CHECKPOINT_FOLDER} is kept")
         self.pending = []
         losses = [float(value["loss"]) for value in values]
         progress.epoch_loss_sum += sum(losses)
@@ -379,7 +378,7 @@ def _banner(run: Run, config_diff: list[str]) -> str:
         f"{geoloc_net.descriptor_dim(config.model)}-D descriptors, {run.image_size[0]}x{run.image_size[1]}, "
         f"{config.model.dtype}",
         "config (differences from the defaults): " + (", ".join(config_diff) or "none"),
-        f"outputs: {run.workdir}/{{{CHECKPOINT_FOLDER},metrics.jsonl,tensorboard,log.txt,results.json}}",
+        f"outputs: {run.workdir}/{{{checkpoint.CHECKPOINT_FOLDER},metrics.jsonl,tensorboard,log.txt,results.json}}",
     ]
     return "\n".join(lines)
 
