@@ -1,7 +1,9 @@
 """Entry point: python launch.py --config configs/<exp>.py --workdir DIR [--mode MODE].
 
 Any config value can be overridden: --config.eval.test_method=maj_voting,
---config.data.resize='(240, 320)'. Logs below WARNING are hidden unless --verbosity is given.
+--config.data.resize='(240, 320)'. The config is checked before anything runs or is written
+(vgjax.configs.validate): each problem is one line on stderr, exit status 2; overrides the mode
+does not read are named in one warning line. Logs below WARNING are hidden unless --verbosity is given.
 The run's output is also kept in DIR/log.txt (vgjax.logs), and compiled programs in JAX's
 persistent compilation cache (vgjax.runtime). Everything else lives in vgjax.experiment, imported
 only once the flags are parsed, so that --help and flag errors are quick.
@@ -16,7 +18,8 @@ from vgjax import logs, runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, results and checkpoints.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, results and checkpoints "
+                               "(required except with --mode print_config).")
 _MODE = flags.DEFINE_string("mode", None, "What to run (default: config.mode); the modes are "
                             "listed in vgjax/experiment.py.")
 _COMPILATION_CACHE = flags.DEFINE_bool(
@@ -51,9 +54,25 @@ def _innermost(error: BaseException) -> BaseException:
     return error
 
 
-def _usage_error(message: str) -> None:
-    print(f"{sys.argv[0]}: error: {' '.join(message.split())}", file=sys.stderr)
+def _usage_error(*messages: str) -> None:
+    """Each message as one line on stderr, then exit status 2."""
+    for message in messages:
+        print(f"{sys.argv[0]}: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
+
+
+def _check(config, mode: str) -> None:
+    """validate.check's problems are usage errors; overrides the mode ignores, one warning line."""
+    from vgjax.configs import validate
+
+    try:
+        validate.check(config, mode, _WORKDIR.value)
+    except validate.ConfigError as error:
+        _usage_error(*error.problems)
+    ignored = validate.ignored_options(mode, flags.FLAGS["config"].override_values)
+    if ignored:
+        print(f"{sys.argv[0]}: warning: --mode {mode} does not use "
+              f"{', '.join(f'--config.{key}' for key in ignored)}", file=sys.stderr)
 
 
 def main(argv):
@@ -62,14 +81,19 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     from vgjax import experiment
 
-    if _MODE.value not in (None, *experiment.MODES):
-        _usage_error(f"--mode={_MODE.value}: unknown mode; available: {', '.join(experiment.MODES)}")
+    mode = _MODE.value or _CONFIG.value.mode
+    if mode not in experiment.MODES:
+        _usage_error(f"--mode={mode}: unknown mode; available: {', '.join(experiment.MODES)}")
+    _check(_CONFIG.value, mode)
+    if mode == "print_config":  # writes nothing, not even the log
+        experiment.print_config(_CONFIG.value)
+        return
     if _COMPILATION_CACHE.value:
         runtime.enable_compilation_cache()
     with logs.RunLog(_WORKDIR.value):
-        experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+        experiment.run(_CONFIG.value, _WORKDIR.value, mode)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["config"])  # --workdir too, except for print_config (validate)
     app.run(main, flags_parser=parse_flags)

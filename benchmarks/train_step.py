@@ -38,7 +38,7 @@ import optax  # noqa: E402
 
 from configs import cosplace_resnet18_512, smoke_train  # noqa: E402
 from vgjax.configs import common  # noqa: E402
-from vgjax import experiment  # noqa: E402
+from vgjax import experiment, profiling  # noqa: E402
 from vgjax.data import augment  # noqa: E402
 from vgjax.models import geoloc_net  # noqa: E402
 from vgjax.train import cosplace, losses, state as train_state, triplet  # noqa: E402
@@ -64,9 +64,10 @@ def time_vgjax_step(config, images: np.ndarray, iterations: int) -> dict:
         tuple_size, config.train.criterion, config.train.margin, augment.AugmentConfig.from_config(config.train)))
     batch = {"images": images}
     tick = time.perf_counter()
-    flops = step.lower(state, None, batch).compile().cost_analysis()
+    lowered = step.lower(state, None, batch)
+    lowered.compile()
     compile_seconds = time.perf_counter() - tick
-    flops = (flops[0] if isinstance(flops, (list, tuple)) else flops).get("flops", float("nan"))
+    flops = profiling.lowered_flops(lowered)
     first, seconds = _timed(lambda s: (step(s, None, batch)[0],), (state,), iterations)
     tuples = len(images) // tuple_size
     return {"seconds_per_step": seconds, "images_per_second": len(images) / seconds,

@@ -225,6 +225,15 @@ def test_listing_matches_cosplace_glob(tmp_path):
     assert len(expected) == 6 and "c_link/" + _name(8, 5, 10, "4") in expected
 
 
+@pytest.mark.parametrize("name", [_name(5, 5, 10, "1"), "sub"])
+def test_a_broken_link_is_an_error_naming_it(tmp_path, name):
+    folder = tmp_path / "train"
+    _touch(folder / _name(6, 5, 10, "2"))
+    os.symlink(tmp_path / "gone", folder / name)
+    with pytest.raises(DatasetFormatError, match=f"^{folder / name}: broken symbolic link"):
+        build_partition(folder, cache_dir=tmp_path / "cache", progress=False)
+
+
 def test_cache_is_reused_without_listing_and_rebuilt_after_a_change(tmp_path, monkeypatch):
     folder, cache = tmp_path / "train", tmp_path / "cache"
     for i in range(12):

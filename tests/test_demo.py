@@ -48,7 +48,7 @@ def test_main_job_reduced_end_to_end(tmp_path):
     assert results["stages"]["trained"]["pretrain"] == "places365"
     assert results["stages"]["trained"]["epochs"] == 1
     for stage in ("random_init", "places365", "trained"):
-        pictures = workdir / stage / "predictions"
+        pictures = workdir / stage / "predictions" / "hard_resize"
         assert sorted(p.name for p in (pictures / "preds").glob("*.jpg")) == ["000.jpg", "030.jpg", "059.jpg"]
         assert (pictures / "map.png").exists() and (pictures / "recalls.png").exists()
     assert (workdir / "recalls.png").exists()

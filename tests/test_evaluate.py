@@ -1,6 +1,7 @@
 """The evaluation protocol: recall@N, test methods, PCA, export and evaluate()."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -280,3 +281,37 @@ def test_export_descriptors(colour_split, tmp_path):
     assert rows[0]["path"] == colour_split.query_paths[0]
     meta = json.loads(files["metadata"].read_text())
     assert meta["num_database"] == 7 and meta["descriptor_dim"] == 3 and meta["test_method"] == "hard_resize"
+
+
+def test_evaluate_copies_an_embed_fn_output_buffer_that_is_reused(colour_split):
+    """TensorRT/ONNX-style embed functions write every batch into one preallocated buffer."""
+    buffer = np.zeros((3, 3), np.float32)
+
+    def embed_into_buffer(images):
+        buffer[:len(images)] = mean_colour_embed([])(images)
+        return buffer
+
+    fresh = evaluate.evaluate(mean_colour_embed([]), colour_split, resize=(48, 64),
+                              recall_values=(1, 2), batch_size=3, progress=False)
+    reused = evaluate.evaluate(embed_into_buffer, colour_split, resize=(48, 64),
+                               recall_values=(1, 2), batch_size=3, progress=False)
+    np.testing.assert_array_equal(reused.predictions, fresh.predictions)
+    assert reused.recalls == fresh.recalls
+
+
+def test_export_descriptors_quotes_paths_with_commas_and_quotes(colour_split, tmp_path):
+    odd = [f'{tmp_path}/a "quoted", folder/{i}.jpg' for i in range(colour_split.num_queries)]
+    split = dataclasses.replace(colour_split, query_paths=odd)
+    files = evaluate.export_descriptors(tmp_path / "out", split, np.zeros((7, 3)), np.zeros((5, 3)))
+    with open(files["queries"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == odd
+
+
+def test_evaluate_warns_when_no_query_has_a_positive(colour_split):
+    none = vg_folder.Positives(indptr=np.zeros(6, np.int64), indices=np.zeros(0, np.int64))
+    split = dataclasses.replace(colour_split, positives=none)
+    with pytest.warns(UserWarning, match=r"no query has a database image within 25 m: every recall is 0"):
+        result = evaluate.evaluate(mean_colour_embed([]), split, resize=(48, 64), recall_values=(1,),
+                                   progress=False)
+    assert result.recalls == {1: 0.0}

@@ -1,5 +1,7 @@
 """Host-side image transforms against hand-computed torch/torchvision semantics."""
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -91,3 +93,15 @@ def test_inference_batches_keep_order_and_pad_the_last_batch(tmp_path):
     firsts = np.concatenate([b.images[:b.num_valid, 0, 0, 0] for b in batches])
     assert firsts.tolist() == [0, 10, 20, 30, 40, 50, 60]
     assert not batches[-1].images[1:].any()
+
+
+@pytest.mark.parametrize("side", [11, 15])  # PIL warns above MAX_IMAGE_PIXELS, raises above twice it
+def test_load_rgb_refuses_a_decompression_bomb_naming_the_file(tmp_path, monkeypatch, side):
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / "bomb.png")
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "fine.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert images.load_rgb(tmp_path / "fine.png").shape == (10, 10, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's own, before ours
+        with pytest.raises(OSError, match=r"^cannot read image .*bomb.png: .*exceeds .*decompression bomb"):
+            images.load_rgb(tmp_path / "bomb.png")

@@ -12,7 +12,7 @@ import pytest
 from configs import aerial_tiny_image
 from vgjax.configs import common
 from torch_helpers import import_torchvision
-from vgjax import evaluate, experiment
+from vgjax import evaluate, experiment, index
 from vgjax.models import geoloc_net
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_unknown_synthetic_kind_is_named(tmp_path):
     config = aerial_tiny_image.get_config()
     config.data.datasets_folder = str(tmp_path)
     config.data.synthetic = "forest"
-    with pytest.raises(ValueError, match="unknown config.data.synthetic 'forest'"):
+    with pytest.raises(ValueError, match="data.synthetic='forest': choose one of aerial, cosplace, doom"):
         experiment.run(config, tmp_path)
 
 
@@ -100,12 +100,14 @@ def test_pca_needs_its_folder(tmp_path):
     ("ef_search=64,scale=0.5", {"ef_search": 64, "scale": 0.5}),
 ])
 def test_parse_index_params(text, expected):
-    assert experiment.parse_index_params(text) == expected
+    assert index.parse_params(text) == expected
 
 
 def test_parse_index_params_rejects_malformed_items():
-    with pytest.raises(ValueError, match="expected key=value items, got 'nlist'"):
-        experiment.parse_index_params("nlist")
+    with pytest.raises(ValueError, match="expected name=value items, got 'nlist'"):
+        index.parse_params("nlist")
+    with pytest.raises(ValueError, match="nlist='abc' is not a number"):
+        index.parse_params("nlist=abc")
 
 
 def test_common_config_keeps_the_benchmark_defaults():

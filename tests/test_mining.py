@@ -1,5 +1,6 @@
 """Mining: identical triplets to a per-query numpy/faiss transcription of the benchmark's rules."""
 
+import dataclasses
 from pathlib import Path
 
 import faiss
@@ -320,3 +321,10 @@ def test_selection_and_cache_errors():
         mining.update_neg_cache(mining.empty_neg_cache(54, 5), plan, np.zeros((20, 7), np.int64))
     with pytest.raises(ValueError, match="hard_dist_m must be in \\[0, split.positive_dist_m = 25"):
         mining.training_queries(SPLIT, hard_dist_m=30.0)
+
+
+def test_training_queries_without_any_hard_positive_is_an_error():
+    far = dataclasses.replace(SPLIT, query_utm=SPLIT.query_utm + 10_000.0)
+    with pytest.raises(ValueError, match=r"^synthetic: none of the 60 training queries has a "
+                                         r"database image within 10 m \(data.train_positives_dist_threshold\)"):
+        mining.training_queries(far)

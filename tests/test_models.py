@@ -173,8 +173,10 @@ def test_torchvision_backbone_into_a_fresh_network(tmp_path):
 def test_pretrain_option_resolves_local_files_and_none(tmp_path):
     config = model_config("resnet18conv4", "gem", pretrain="none")
     assert pretrained.load_pretrained_backbone(config, (64, 64)) is None
+    config.pretrain = "random"  # the same, asked for on purpose
+    assert pretrained.load_pretrained_backbone(config, (64, 64)) is None
     config.pretrain = str(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'places365', 'none' nor an existing weights file"):
+    with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'places365', 'none', 'random' nor an existing weights file"):
         pretrained.load_pretrained_backbone(config, (64, 64))
     config.backbone = "cct384"
     config.pretrain = "imagenet"
@@ -349,3 +351,29 @@ def test_crn_starts_from_a_netvlad_checkpoint(tmp_path):
                                   fresh["params"]["aggregation"]["crn"]["filter_3_3"]["kernel"])
     # With the CRN module in place it is the CRN that matters: CRN + NetVLAD weights both load.
     check_parity(model_config("resnet18conv4", "crn"), tmp_path / "crn.npz")
+
+
+@pytest.mark.parametrize("backbone", [name for name in registry.BACKBONES
+                                      if not registry.backbone(name).tokens])
+def test_min_size_is_the_smallest_input_with_a_non_empty_feature_map(backbone):
+    model = geoloc_net.build(model_config(backbone, "gem"), (64, 64))
+    smallest = registry.backbone(backbone).min_size
+    for side, expected in ((smallest - 1, 0), (smallest, 1)):
+        if side < 1:
+            continue
+        images = jax.ShapeDtypeStruct((1, side, side + 5, 3), jnp.float32)
+        features = jax.eval_shape(
+            lambda x: model.backbone.init_with_output(jax.random.key(0), x, train=False)[0], images)
+        assert min(features.shape[1:3]) == expected
+
+
+def test_a_resize_too_small_for_the_backbone_names_data_resize():
+    config = model_config("vgg16", "netvlad", pretrain="none")
+    with pytest.raises(ValueError, match=r"^backbone vgg16 needs data.resize of at least 16x16 "
+                                         r"\(.*empty feature map.*\), got \(12, 16\)$"):
+        pretrained.build_and_load(config, (12, 16))
+    model = geoloc_net.build(config, (16, 16))
+    descriptors = model.apply(geoloc_net.init_variables(model, (16, 16)),
+                              jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32))
+    np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, rtol=1e-5)  # not all-zero
+    assert not np.allclose(*descriptors)

@@ -4,12 +4,15 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
+from vgjax.configs import common
 from vgjax.models import pretrained, weights_cache
 from vgjax.models.convert import WeightImportError, read_state_dict
 
@@ -81,8 +84,8 @@ def test_pickled_code_is_never_executed(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"\x01\x02", "too short"),
-    (struct.pack("<Q", 10 ** 9) + b"{}", "header size"),
+    (b"\x01\x02", "header too small"),
+    (struct.pack("<Q", 10 ** 9) + b"{}", "header too large"),
 ])
 def test_corrupt_safetensors_are_rejected(tmp_path, content, message):
     (tmp_path / "c.safetensors").write_bytes(content)
@@ -93,7 +96,7 @@ def test_corrupt_safetensors_are_rejected(tmp_path, content, message):
 def test_safetensors_offsets_must_match_shapes(tmp_path):
     text = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "s.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(8))
-    with pytest.raises(WeightImportError, match="tensor 'x' has an invalid header entry"):
+    with pytest.raises(WeightImportError, match="s.safetensors: not a valid .safetensors file: .*invalid shape"):
         read_state_dict(tmp_path / "s.safetensors")
 
 
@@ -103,6 +106,40 @@ def test_missing_file_and_non_state_dict(tmp_path):
     torch.save({"epoch": 1, "arch": "resnet"}, tmp_path / "meta.pth")
     with pytest.raises(WeightImportError, match="no state dict found"):
         read_state_dict(tmp_path / "meta.pth")
+
+
+def _odd_npz(path, kind):
+    """Writes an odd or corrupt .npz of one `kind` at `path`."""
+    if kind == "text":
+        path.write_bytes(b"not an archive")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "npy":
+        with open(path, "wb") as file:
+            np.save(file, np.zeros(3))
+    elif kind == "objects":
+        np.savez(path, w=np.array([{"a": 1}], dtype=object))
+    elif kind == "strings":
+        np.savez(path, w=np.array(["conv1"]))
+    elif kind == "truncated":
+        np.savez(path, w=np.zeros(1000))
+        path.write_bytes(path.read_bytes()[:500])
+    elif kind == "member":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("w.npy", b"not an npy file")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", "not a .npz archive of numeric arrays: "), ("empty", "not a .npz archive of numeric"),
+    ("npy", "one array in .npy format"), ("objects", "not a .npz archive of numeric arrays: Object"),
+    ("strings", "tensor 'w' has non-numeric dtype <U5"), ("truncated", "not a .npz archive of numeric"),
+    ("member", "tensor 'w' has non-numeric dtype"),
+])
+def test_odd_npz_files_are_rejected_naming_the_file(tmp_path, kind, message):
+    path = tmp_path / "w.npz"
+    _odd_npz(path, kind)
+    with pytest.raises(WeightImportError, match=f"^{path}: {message}"):
+        read_state_dict(path)
 
 
 def test_merge_variables_checks_names_and_shapes():
@@ -153,3 +190,17 @@ def test_offline_fetch_of_an_uncached_file_says_what_to_do(tmp_path, monkeypatch
     monkeypatch.setenv("VGJAX_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth is not cached and downloads are off"):
         weights_cache.fetch(pretrained.TORCHVISION_URLS["resnet18"])
+
+
+def test_a_failed_download_says_which_file_to_put_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("VGJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VGJAX_OFFLINE", raising=False)
+    url = (tmp_path / "unreachable" / "resnet18-f37072fd.pth").as_uri()  # no network needed
+    monkeypatch.setitem(pretrained.TORCHVISION_URLS, "resnet18", url)
+    config = common.get_config().model
+    config.backbone, config.pretrain = "resnet18conv4", "imagenet"
+    target = tmp_path / "cache" / "weights" / "resnet18-f37072fd.pth"
+    with pytest.raises(FileNotFoundError, match=f"^cannot download {re.escape(url)} .*: put that "
+                                                f"file at {re.escape(str(target))} .*VGJAX_CACHE"):
+        pretrained.pretrained_backbone_file(config)
+    assert not list(target.parent.iterdir())  # no partial file left

@@ -16,12 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
 from configs import smoke_train
+from test_models import torch_network
+from vgjax import embed, evaluate, models
 from vgjax.configs import common
-from vgjax.data import augment
+from vgjax.data import augment, synthetic
 from vgjax.data.pipeline import triplet_batches
 from vgjax.models import geoloc_net
 from vgjax.train import checkpoint, loop, runs, state as train_state, triplet
@@ -212,7 +215,7 @@ def test_straight_run_cadence_banner_log_and_best_metric(straight):
     for text in ("vgjax training: triplet", "devices: 1 x cpu", "train: ", "val: ", "mining: partial",
                  "network: resnet18conv4 + gem", "config (differences from the defaults): ",
                  "data.resize=(64, 64)", "Compiling the training step...", "Compiled the training step in",
-                 "Epoch 1/2 done in", "Epoch 2/2 done in", "Recalls on test set"):
+                 "Epoch 1/2 done in", "Epoch 2/2 done in", "aerial_smoke/images/test (hard_resize): R@1: "):
         assert text in log, text
     assert "\r" not in log and "RANDOM weights" in log  # pretrain=none: the one warning that is true
     results = json.loads((workdir / "results.json").read_text())
@@ -284,23 +287,36 @@ def _snapshot(workdir) -> dict:
             if p.is_file() and "eval" not in p.parts and p.name != "log.txt"}
 
 
+def _evaluate(workdir, datasets, *overrides):
+    """--mode eval of a run with the package defaults (resnet18conv4 + netvlad): architecture keys
+    left at their defaults come from the run (gem), so only the data options are given."""
+    return [sys.executable, "launch.py", "--config", "vgjax/configs/common.py", "--mode", "eval",
+            "--workdir", str(workdir), f"--config.data.datasets_folder={datasets}",
+            "--config.data.dataset_name=aerial_smoke", "--config.data.resize=(64, 64)",
+            "--config.data.infer_batch_size=8", "--config.eval.recall_values=(1, 5)", *overrides]
+
+
 @pytest.mark.slow
 def test_evaluating_a_run_uses_its_best_checkpoint_and_changes_nothing_of_it(straight):
     root, _ = straight
     workdir = root / "straight"
     before = _snapshot(workdir)
-    # The package defaults (resnet18conv4 + netvlad): architecture keys left at their defaults
-    # come from the run (gem), so only the data options are given.
-    command = [sys.executable, "launch.py", "--config", "vgjax/configs/common.py", "--mode", "eval",
-               "--workdir", str(workdir), f"--config.data.datasets_folder={root / 'datasets'}",
-               "--config.data.dataset_name=aerial_smoke", "--config.data.resize=(64, 64)",
-               "--config.data.infer_batch_size=8", "--config.eval.recall_values=(1, 5)"]
+    # The cross-dataset protocol: the run's own test split and a second world, one command.
+    synthetic.build_aerial_dataset(root / "datasets" / "aerial_other", seed=1, image_size=(64, 64), progress=False)
+    command = _evaluate(workdir, root / "datasets", "--config.eval.datasets=aerial_smoke,aerial_other")
     out = _run(command)
     results = json.loads((workdir / "results.json").read_text())
     best_step = 8 * (results["best_epoch"] + 1)  # 8 steps per epoch, validated at its end
     assert f"Network from the best checkpoint (step {best_step}) of the run in {workdir}" in out.stdout
     evaluation = json.loads((workdir / "eval" / "aerial_smoke_test_hard_resize.json").read_text())
     assert evaluation["recalls"] == results["test"] and evaluation["network"]["aggregation"] == "gem"
+    other = json.loads((workdir / "eval" / "aerial_other_test_hard_resize.json").read_text())
+    table = json.loads((workdir / "eval" / "table.json").read_text())["tables"]
+    assert table == {"hard_resize": {"aerial_smoke": results["test"], "aerial_other": other["recalls"]}}
+    row = "| aerial_smoke | " + " | ".join(f"{r:.1f}" for r in results["test"].values()) + " |"
+    markdown = (workdir / "eval" / "table.md").read_text()
+    assert row in markdown and "| aerial_other | " in markdown and markdown in out.stdout
+    assert (workdir / "eval" / "recalls.png").exists()
     assert _snapshot(workdir) == before  # results.json, config.json, metrics, checkpoints
     # An explicitly different network is refused before anything is written.
     refused = subprocess.run(command + ["--config.model.backbone=resnet50conv4"], cwd=REPO,
@@ -308,10 +324,38 @@ def test_evaluating_a_run_uses_its_best_checkpoint_and_changes_nothing_of_it(str
     assert refused.returncode != 0
     assert "trained with another network: model.backbone='resnet50conv4' (the run's: 'resnet18conv4')" in refused.stderr
     # So is training again in it with another network, before config.json is replaced.
-    refused = subprocess.run(_launch(workdir, root / "datasets", "--config.model.aggregation=netvlad"),
+    refused = subprocess.run(_launch(workdir, root / "datasets", "--config.model.aggregation=mac"),
                              cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "holds a run of another network: model.aggregation='netvlad'" in refused.stderr
+    assert refused.returncode != 0 and "holds a run of another network: model.aggregation='mac'" in refused.stderr
     assert _snapshot(workdir) == before
+
+
+@pytest.mark.slow
+def test_the_final_test_honours_the_eval_options_exactly_as_an_evaluation_does(straight):
+    root, _ = straight
+    options = ["--config.eval.test_method=all", "--config.eval.pca_dim=16", "--config.eval.index=ivf_flat",
+               "--config.eval.pca_dataset_folder=aerial_smoke/images/train"]
+    # A copy of the finished run, relaunched: training is done, so it tests the best checkpoint
+    # again, now with every test method, PCA, an IVF index and the descriptors written.
+    workdir = root / "options"
+    shutil.copytree(root / "straight", workdir)
+    _run(_launch(workdir, root / "datasets", *options, "--config.eval.save_descriptors=True"))
+    results = json.loads((workdir / "results.json").read_text())
+    tests = results["tests"]
+    assert list(tests) == list(evaluate.TEST_METHODS) and results["test_method"] == "hard_resize"
+    assert results["test"] == tests["hard_resize"]["recalls"] and results["descriptor_dim"] == 16
+    for method, entry in tests.items():
+        assert entry["descriptor_dim"] == 16 and entry["index"].startswith("ivf_flat("), method
+        assert np.load(workdir / "descriptors" / method / "database_descriptors.npy").shape == (676, 256)
+    # The same options in an evaluation of the original run (its second in this module): the
+    # same recalls for every test method, and nothing of the run changed.
+    before = _snapshot(root / "straight")
+    _run(_evaluate(root / "straight", root / "datasets", *options))
+    for method, entry in tests.items():
+        path = root / "straight" / "eval" / f"aerial_smoke_test_{method}_pca16_ivf_flat.json"
+        assert json.loads(path.read_text())["recalls"] == entry["recalls"], method
+    assert (root / "straight" / "eval" / "table_pca16_ivf_flat.md").exists()
+    assert _snapshot(root / "straight") == before
 
 
 @pytest.mark.slow
@@ -335,6 +379,29 @@ def test_crn_starts_from_a_vgjax_netvlad_run(straight):
     assert f"Network from the best checkpoint (step 8) of the run in {netvlad}: resnet18conv4 + netvlad" in out.stdout
     assert "context module starts from scratch" in out.stdout
     assert json.loads((root / "crn" / "results.json").read_text())["steps"] == 8
+
+
+@pytest.mark.slow
+def test_exporting_a_run_for_torch_and_for_vgjax(straight):
+    root, _ = straight
+    workdir = root / "straight"
+    before = _snapshot(workdir)
+    _run([sys.executable, "launch.py", "--config", "vgjax/configs/common.py", "--mode", "export",
+          "--workdir", str(workdir), "--config.data.resize=(64, 64)"])
+    assert {k: v for k, v in _snapshot(workdir).items() if not k.startswith("export/")} == before
+    _, saved, _ = checkpoint.read_run(workdir)
+    exported = workdir / "export" / "resnet18conv4_gem_best"
+    network, variables, size, embed_fn = models.load(f"{exported}.vgjax.safetensors")
+    assert size == (64, 64)
+    jax.tree.map(np.testing.assert_array_equal, variables, saved)
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    descriptors = embed_fn(images)
+    np.testing.assert_array_equal(descriptors, embed.make_embed_fn(network, saved)(images))
+    torch_net = torch_network(smoke_train.get_config().model)
+    torch_net.load_state_dict(safetensors.torch.load_file(f"{exported}.safetensors"), strict=True)
+    with torch.no_grad():
+        expected = torch_net(torch.from_numpy(np.array(augment.normalize_uint8(images))).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(descriptors, expected.numpy(), atol=1e-4, rtol=0)
 
 
 def test_non_finite_parameters_are_caught_before_any_save(tmp_path):

@@ -1,5 +1,6 @@
 """Dataset folders and file names: parsing, layouts, positives, errors."""
 
+import glob
 import math
 import os
 import subprocess
@@ -78,8 +79,9 @@ def test_parse_uses_the_file_name_not_the_path():
     ("@1@2@@@@@@@@@@@@@.png", "14 @-separated fields"),
     ("@abc@2@@@@@@@@@@@@@.jpg", "field 'east' must be a number, got 'abc'"),
     ("@1@2@@@@@@@x@@@@@@.jpg", "field 'heading' must be a number"),
-    ("@@2@@@@@@@@@@@@@.jpg", "UTM east must be a finite number, got ''"),
-    ("@1@nan@@@@@@@@@@@@@.jpg", "UTM north must be a finite number, got 'nan'"),
+    ("@@2@@@@@@@@@@@@@.jpg", "UTM east must be a finite number below 2..53 in magnitude, got ''"),
+    ("@1@nan@@@@@@@@@@@@@.jpg", "UTM north must be a finite number .* got 'nan'"),
+    ("@1e308@2@@@@@@@@@@@@@.jpg", "UTM east must be a finite number .* got '1e308'"),
     ("@inf@2@@@@@@@@@@@@@.jpg", "UTM east must be a finite number"),
 ])
 def test_bad_names_raise_naming_the_file(name, message):
@@ -220,3 +222,29 @@ def test_write_images_refuses_duplicate_names(tmp_path):
         synthetic.write_images(tmp_path, DATABASE[:2], pano_id=["same", "same"])
         synthetic.write_images(tmp_path, DATABASE[:2], pano_id=["same", "same"])
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_symlinked_sub_folders_are_followed_as_the_recursive_glob_does(tmp_path, toy_dataset):
+    database = toy_dataset / "images" / "test" / "database"
+    synthetic.write_images(tmp_path / "elsewhere", DATABASE[:2] + 1000)
+    (database / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    _touch_jpg(database / ".hidden" / "@1@2@@@@@@@@@@@@@.jpg")  # glob skips hidden entries
+    expected = sorted(glob.glob(f"{database}/**/*.jpg", recursive=True))
+    (tmp_path / "elsewhere" / "loop").symlink_to(database, target_is_directory=True)  # a cycle
+    split = vg_folder.load_split(toy_dataset, "test")
+    assert split.database_paths == expected and split.num_database == 8
+    assert sum("/linked/" in path for path in expected) == 2
+
+
+def test_a_broken_image_link_is_an_error_naming_it(toy_dataset):
+    link = toy_dataset / "images" / "test" / "queries" / "@1@2@@@@@@@@@@@@@.jpg"
+    link.symlink_to(toy_dataset / "gone.jpg")
+    with pytest.raises(DatasetFormatError, match=f"^{link}: broken symbolic link .*gone.jpg does not exist"):
+        vg_folder.load_split(toy_dataset, "test")
+
+
+def test_a_coordinate_beyond_2_53_names_the_file(toy_dataset):
+    bad = toy_dataset / "images" / "test" / "queries" / "@1e308@4477000.00@17@T@@@x@@@@@@@@.jpg"
+    _touch_jpg(bad)
+    with pytest.raises(DatasetFormatError, match=f"^{bad}: UTM east must be a finite number below 2\\*\\*53"):
+        vg_folder.load_split(toy_dataset, "test")

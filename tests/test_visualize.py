@@ -136,6 +136,7 @@ def test_recall_plot_one_and_several_runs(tmp_path):
     assert colour_pixels(several, blue) > 200 and colour_pixels(several, orange) > 200
     with pytest.raises(ValueError, match="not a mix"):
         visualize.save_recall_plot(tmp_path / "bad.png", {"a": {1: 1.0}, 5: 2.0})
+    assert visualize.save_recall_plot(tmp_path / "keys.png", {"R@1": 50.0, "R@5": 75.0}).exists()  # as results.json
 
 
 def test_map_colours_queries_by_top1(split, tmp_path):

@@ -12,7 +12,7 @@ _PRINT_FLAGS = "import vgjax, os; print(os.environ.get('XLA_FLAGS', ''))"
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VGJAX_XLA_DEFAULTS")}
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VGJAX_XLA_DEFAULTS", "JAX_PLATFORMS")}
     return subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True,
                           text=True, check=True)
 
@@ -51,3 +51,26 @@ def test_unmeasured_jaxlib_gets_nothing(monkeypatch, version):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert xla_flags.apply_cpu_defaults() == []
     assert "XLA_FLAGS" not in os.environ
+
+
+@pytest.mark.parametrize("platforms", ["cuda", "gpu", "tpu", "cuda,cpu"])
+def test_a_gpu_or_tpu_backend_gets_nothing_and_no_message(platforms):
+    """JAX_PLATFORMS names the backend jax will use: with an accelerator first, vgjax leaves
+    XLA_FLAGS alone (the accelerator itself is not needed to check that)."""
+    result = _run("import vgjax, os; print(repr(os.environ.get('XLA_FLAGS', '')))", JAX_PLATFORMS=platforms)
+    assert result.stdout.strip() == "''" and result.stderr == ""
+
+
+def test_cpu_named_first_gets_the_default():
+    assert _run(_PRINT_FLAGS, JAX_PLATFORMS="cpu").stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
+    class Dist:
+        metadata = {"Name": "jax-cuda12-plugin"}
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(xla_flags.importlib.metadata, "distributions", lambda: [Dist()])
+    assert not xla_flags._runs_on_cpu()
+    monkeypatch.setattr(xla_flags.importlib.metadata, "distributions", lambda: [])
+    assert xla_flags._runs_on_cpu()

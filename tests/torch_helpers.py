@@ -1,20 +1,41 @@
 """Test helpers for torch parity (torch is a test-only dependency)."""
 
+import glob
+import importlib.util
+import os
+
 import numpy as np
 import torch
 
 _TORCHVISION = None
+_OPERATOR_SCHEMAS = ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+                     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+def torchvision_library_loads() -> bool:
+    """Whether torchvision's C++ library (which defines torchvision::nms and qnms) loads with
+    this torch, as it does for a matching torch/torchvision pair."""
+    spec = importlib.util.find_spec("torchvision")
+    libraries = glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so")) if spec else []
+    try:
+        torch.ops.load_library(libraries[0])
+    except (IndexError, OSError):
+        return False
+    return True
 
 
 def import_torchvision():
-    """torchvision's PyPI wheel is a CUDA build; with CPU torch it imports only after its two
-    custom operator schemas are defined (see ../shared/spec/data_and_weights.md)."""
+    """torchvision, also where its PyPI wheel (a CUDA build) meets CPU torch: there its C++
+    library fails to load, and torchvision imports only once its two operator schemas exist,
+    so they are declared here (see ../shared/spec/data_and_weights.md). Where the library
+    loads, it declares them itself, and declaring them again would be an error."""
     global _TORCHVISION
     if _TORCHVISION is None:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import_torchvision.library = lib  # the registration lives as long as this object
+        if not torchvision_library_loads():
+            lib = torch.library.Library("torchvision", "DEF")
+            for schema in _OPERATOR_SCHEMAS:
+                lib.define(schema)
+            import_torchvision.library = lib  # the registration lives as long as this object
         import torchvision
         _TORCHVISION = torchvision
     return _TORCHVISION

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+NAMES = ("tiny_image",)  # the `model.backbone` values that are baselines, not networks
+
 
 @functools.partial(jax.jit, static_argnames=("size",))
 def tiny_image_descriptors(images: jax.Array, size: tuple[int, int] = (12, 16)) -> jax.Array:

@@ -6,9 +6,9 @@
 4. (c) trained: (b) trained with triplets and partial mining by vgjax.train.triplet (validated every
    epoch on val; the best epoch is tested), resumed from <workdir>/trained if interrupted.
 
-Every stage writes pictures of its predictions and a map to <workdir>/<stage>/predictions, and
-<workdir>/recalls.png compares the three. The console and <workdir>/results.json give the test
-recalls of each stage. If the Places365 weights cannot be had (offline with an empty cache, no
+Every stage writes pictures of its predictions and a map to
+<workdir>/<stage>/predictions/<test method>, and <workdir>/recalls.png compares the three. The
+console and <workdir>/results.json give the test recalls of each stage. If the Places365 weights cannot be had (offline with an empty cache, no
 pip access, or no torch for the one-time conversion), (b) is skipped and (c) trains from random
 weights, and both the console and results.json say so.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import embed, evaluate, visualize
+from vgjax import embed, eval_run, visualize
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.models import places365, pretrained
 from vgjax.train import loop, triplet
@@ -46,7 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, dataset_dir: Path) -> 
     stages["trained"] = {"test": trained["test"], "pretrain": pretrain, "epochs": len(trained["val_history"]),
                          "best_val_recall": trained["best_val_recall"],
                          "train_images_per_second": trained["train_images_per_second"]}
-    curves = {STAGES[name]: _recalls_by_n(stage["test"]) for name, stage in stages.items() if "test" in stage}
+    curves = {STAGES[name]: stage["test"] for name, stage in stages.items() if "test" in stage}
     visualize.save_recall_plot(workdir / "recalls.png", curves, title=f"Demo world, {test.name}")
     summary = {"world": str(dataset_dir), "split": test.name, "num_database": test.num_database,
                "num_queries": test.num_queries, "places365_unavailable": unavailable,
@@ -77,28 +77,20 @@ def _with_pretrain(config: ml_collections.ConfigDict, pretrain: str) -> ml_colle
 
 
 def _evaluate_stage(config, pretrain: str, split: Split, out_dir: Path) -> dict:
-    """Evaluates the untrained network with `pretrain` weights; pictures into out_dir."""
+    """Evaluates the untrained network with `pretrain` weights as config.eval says (vgjax.eval_run,
+    as the trained stage is tested); pictures into out_dir/predictions/<test method>."""
     config = _with_pretrain(config, pretrain)
-    image_size = tuple(config.data.resize)
-    model, variables = pretrained.build_and_load(config.model, image_size, config.seed)
-    result = evaluate.evaluate(embed.make_embed_fn(model, variables), split,
-                               test_method=config.eval.test_method, resize=image_size,
-                               recall_values=tuple(config.eval.recall_values),
-                               batch_size=config.data.infer_batch_size,
-                               num_threads=config.data.num_workers)
-    print(f"{pretrain} weights, untrained: recalls on {split.folder}: {result}")
-    if config.eval.num_preds_to_save > 0:
-        visualize.save_evaluation_pictures(out_dir / "predictions", split, result.predictions,
-                                           result.recalls, config.eval, title=f"{pretrain} init")
+    model, variables = pretrained.build_and_load(config.model, tuple(config.data.resize), config.seed)
+    embed_fn = embed.make_embed_fn(model, variables)
+    print(f"{pretrain} weights, untrained:")
+    tests = eval_run.evaluate_split(config, embed_fn, split, out_dir, pca=eval_run.fit_pca(config, embed_fn),
+                                    title=f"{pretrain} init")
+    first = next(iter(tests.values()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = {"test": {f"R@{n}": r for n, r in result.recalls.items()}, "pretrain": pretrain,
-             "extraction_images_per_second": result.timings["extraction_images_per_second"]}
+    stage = {"test": first["recalls"], "pretrain": pretrain,
+             "extraction_images_per_second": first["timings"]["extraction_images_per_second"]}
     (out_dir / "results.json").write_text(json.dumps(stage, indent=2) + "\n")
     return stage
-
-
-def _recalls_by_n(recalls: dict[str, float]) -> dict[int, float]:
-    return {int(key.removeprefix("R@")): value for key, value in recalls.items()}
 
 
 def report(summary: dict, workdir: Path) -> str:
@@ -120,7 +112,7 @@ def report(summary: dict, workdir: Path) -> str:
                      f"({stages['trained']['epochs']} epochs)")
     if summary["places365_unavailable"]:
         lines.append(f"NOTE: (c) started from RANDOM weights: {summary['places365_unavailable']}")
-    lines.append(f"Pictures: {workdir / 'trained' / 'predictions'} (preds/*.jpg, map.png), "
+    lines.append(f"Pictures: {workdir / 'trained' / 'predictions'}/<test method> (preds/*.jpg, map.png), "
                  f"{workdir / 'recalls.png'}")
     lines.append(f"Total time: {summary['minutes']:.1f} min")
     return "\n".join(lines)

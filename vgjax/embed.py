@@ -96,7 +96,8 @@ def embed_images(embed_fn: EmbedFn, paths: Sequence[str], transform: pipeline.Im
         images = batch.images
         crops = images.shape[1] if images.ndim == 5 else 1
         tick = time.perf_counter()
-        out = np.asarray(embed_fn(images.reshape(-1, *images.shape[-3:])), dtype=np.float32)
+        # A copy: TensorRT/ONNX-style functions return one preallocated buffer every call.
+        out = np.array(embed_fn(images.reshape(-1, *images.shape[-3:])), dtype=np.float32)
         seconds = time.perf_counter() - tick
         if out.ndim != 2 or len(out) != len(images) * crops:
             raise ValueError(f"embed_fn returned shape {out.shape} for {len(images) * crops} images; "

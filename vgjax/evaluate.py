@@ -20,11 +20,13 @@ Deliberate differences from the PyTorch benchmark:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -340,10 +342,11 @@ def export_descriptors(out_dir: str | os.PathLike, split: Split, database_descri
     np.save(files["queries_descriptors"], np.asarray(query_descriptors, np.float32))
     for role, paths, utm in (("database", split.database_paths, split.database_utm),
                              ("queries", split.query_paths, split.query_utm)):
-        with open(files[role], "w") as f:
-            f.write("index,path,east,north\n")
-            for i, (path, (east, north)) in enumerate(zip(paths, utm)):
-                f.write(f'{i},"{path}",{east:.2f},{north:.2f}\n')
+        with open(files[role], "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(("index", "path", "east", "north"))
+            writer.writerows((i, path, f"{east:.2f}", f"{north:.2f}")
+                             for i, (path, (east, north)) in enumerate(zip(paths, utm)))
     info = {"split": str(split.folder), "num_database": split.num_database,
             "num_queries": split.num_queries, "descriptor_dim": int(np.shape(database_descriptors)[1]),
             "rows_per_query": len(query_descriptors) // max(split.num_queries, 1),
@@ -421,6 +424,14 @@ def _extraction_timings(timings: Sequence[EmbedTiming]) -> dict[str, float]:
     }
 
 
+def _warn_without_positives(split: Split) -> None:
+    """Warns when no query of `split` has a positive: every recall would be 0."""
+    if split.num_queries and not split.positives.counts().any():
+        warnings.warn(f"{split.folder}: no query has a database image within "
+                      f"{split.positive_dist_m:g} m: every recall is 0; check the east/north "
+                      "coordinates in the file names", stacklevel=3)
+
+
 def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize",
              resize: tuple[int, int] = (480, 640), recall_values: Sequence[int] = (1, 5, 10, 20),
              index_kind: str = "flat", index_params: dict | None = None, batch_size: int = 16,
@@ -453,10 +464,12 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
       EvaluationResult. timings holds extraction_ms_per_image and extraction_images_per_second
       (model calls after the first, i.e. without compilation), extraction_first_batch_seconds,
       loading_and_extraction_seconds (wall), index_build_seconds, matching_ms_per_query (search
-      and re-ranking), index_bytes.
+      and re-ranking), index_bytes. A split where no query has a positive gives a UserWarning
+      (every recall is 0).
     """
     _check_test_method(test_method)
     ns = _check_recall_values(recall_values)
+    _warn_without_positives(split)
     raw_database, raw_queries, embed_timings = _embed_split(
         embed_fn, split, test_method, resize, batch_size, progress, num_threads, database_descriptors)
     database, queries = raw_database, raw_queries

@@ -2,8 +2,10 @@
 
 Modes:
   demo: the main job on the ViZDoom world: random init vs Places365 vs trained (vgjax.demo).
-  eval: evaluate a model on `config.eval.split` with `config.eval.test_method` (or "all" of the
-    benchmark's test methods), write results.json (and descriptors on request) to the workdir.
+  eval: evaluate a model on `config.eval.split` of each dataset of `config.eval.datasets`
+    (default: data.dataset_name) with each of `config.eval.test_method` (one, several, or "all"),
+    database descriptors computed once per dataset (vgjax.eval_run); print and write the
+    cross-dataset table (vgjax.eval_table) and results.json (descriptors, pictures on request).
     A vgjax training workdir (given as --workdir, or as model.resume) is evaluated with its best
     checkpoint (model.resume_checkpoint) and the architecture it was trained with; results go
     to <workdir>/eval/, and the run's results.json, config.json and checkpoints stay untouched.
@@ -14,8 +16,16 @@ Modes:
     the same engine.
   pack: packs the train split at config.data.resize into config.data.packed_folder
     (array_record shards, vgjax.data.packed), which training then reads instead of the JPEGs.
+  export: writes the network of a training run (the workdir's own, or model.resume=<workdir>;
+    its model.resume_checkpoint) or of config.model with its weights (model.resume file or
+    model.pretrain) into <workdir>/export/: the PyTorch benchmark's state dict (.safetensors)
+    and a vgjax model file (vgjax.models.load); a run's own files stay untouched.
   profile: parameters, size, FLOPs, descriptor dim and extraction speed of the configured
     network at config.data.resize (the paper's Table 3 columns), printed and in profile.json.
+  print_config: prints the resolved config and its differences from the defaults; writes nothing.
+
+Every mode starts by checking the whole config (vgjax.configs.validate): a ConfigError listing
+each problem comes before any dataset is read, network built or file written.
 """
 
 from __future__ import annotations
@@ -28,17 +38,15 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import baselines, demo, embed, profiling, sharding, visualize
+from vgjax import baselines, demo, embed, eval_run, eval_table, profiling, sharding
 from vgjax import evaluate as evaluate_lib
-from vgjax.configs import common
+from vgjax.configs import common, validate
 from vgjax.data import demo_world, packed, synthetic
-from vgjax.data.vg_folder import load_split
-from vgjax.models import pretrained
+from vgjax.data.vg_folder import Split, load_split
+from vgjax.models import export, pretrained
 from vgjax.train import checkpoint, cosplace, loop, runs, triplet
 
-MODES = ("demo", "train", "train_cosplace", "eval", "profile", "pack")
-BASELINES = ("tiny_image",)
-SYNTHETIC_DATASETS = ("aerial", "cosplace", "doom")
+MODES = ("demo", "train", "train_cosplace", "eval", "export", "profile", "pack", "print_config")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str | None = None) -> dict:
@@ -46,27 +54,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     mode = mode or config.mode
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; available: {MODES}")
+    validate.check(config, mode, workdir)
+    if mode == "print_config":
+        return print_config(config)
     workdir = Path(workdir)
     trained_here = checkpoint.run_folder(workdir) is not None
     if trained_here and mode in ("train", "train_cosplace"):
         _check_same_architecture(config, workdir)  # before config.json is replaced
     workdir.mkdir(parents=True, exist_ok=True)
-    if not (trained_here and mode == "eval"):
+    if not (trained_here and mode in ("eval", "export")):
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     if config.train.distributed:
         sharding.initialize_distributed()
     runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace,
-            "eval": run_eval, "profile": run_profile, "pack": run_pack}
+            "eval": run_eval, "export": run_export, "profile": run_profile, "pack": run_pack}
     return runs[mode](config, workdir)
-
-
-def datasets_root(data_config: ml_collections.ConfigDict) -> Path:
-    """config.data.datasets_folder, else $DATASETS_FOLDER (as the benchmark falls back)."""
-    root = data_config.datasets_folder or os.environ.get("DATASETS_FOLDER", "")
-    if not root:
-        raise ValueError("no datasets folder: set --config.data.datasets_folder=DIR or the "
-                         "DATASETS_FOLDER environment variable")
-    return Path(root)
 
 
 def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> Path:
@@ -76,10 +78,8 @@ def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) 
     Rendering goes to a `.partial` folder that is renamed when complete, so an interrupted
     build is never mistaken for a dataset.
     """
-    path = datasets_root(config.data) / config.data.dataset_name
+    path = eval_run.datasets_root(config.data) / config.data.dataset_name
     kind = config.data.synthetic
-    if kind and kind not in SYNTHETIC_DATASETS:
-        raise ValueError(f"unknown config.data.synthetic {kind!r}; available: {SYNTHETIC_DATASETS}")
     if kind == "doom":  # checks its manifest: a world with other parameters is an error
         return demo_world.build_demo_world(path, seed=config.seed, image_size=tuple(config.data.resize),
                                            frames_per_walk=config.data.synthetic_frames)
@@ -107,34 +107,10 @@ def _check_same_architecture(config: ml_collections.ConfigDict, workdir: Path) -
 
 def build_embed_fn(config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
     """An embed function (uint8 [B, H, W, 3] -> [B, D]) for config.model at config.data.resize."""
-    if config.model.backbone in BASELINES:
+    if config.model.backbone in baselines.NAMES:
         return baselines.tiny_image_embed()
     model, variables = pretrained.build_and_load(config.model, tuple(config.data.resize), config.seed)
     return embed.make_embed_fn(model, variables)
-
-
-def parse_index_params(text: str) -> dict[str, int | float]:
-    """'nlist=1024,nprobe=16' -> {'nlist': 1024, 'nprobe': 16}."""
-    params = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"config.eval.index_params: expected key=value items, got {item!r}")
-        number = float(value)
-        params[key.strip()] = int(number) if number.is_integer() and "." not in value else number
-    return params
-
-
-def _fit_pca(config, embed_fn) -> evaluate_lib.PCA | None:
-    if config.eval.pca_dim is None:
-        return None
-    if not config.eval.pca_dataset_folder:
-        raise ValueError("config.eval.pca_dim needs config.eval.pca_dataset_folder "
-                         "(relative to the datasets folder, e.g. pitts30k/images/train)")
-    folder = datasets_root(config.data) / config.eval.pca_dataset_folder
-    return evaluate_lib.fit_pca_on_folder(
-        embed_fn, folder, config.eval.pca_dim, resize=tuple(config.data.resize),
-        batch_size=config.data.infer_batch_size, seed=config.seed)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -151,85 +127,81 @@ def _write_results(workdir: Path, results: dict) -> dict:
     return results
 
 
-def _results_table(results: dict[str, dict]) -> str:
-    methods = list(results)
-    ns = list(next(iter(results.values()))["recalls"])
-    header = f"{'test method':<14}" + "".join(f"{n:>8}" for n in ns) + f"{'ms/img':>9}{'ms/query':>10}"
-    lines = [header, "-" * len(header)]
-    for method in methods:
-        r = results[method]
-        lines.append(f"{method:<14}" + "".join(f"{r['recalls'][n]:8.1f}" for n in ns)
-                     + f"{r['timings']['extraction_ms_per_image']:9.2f}"
-                     + f"{r['timings']['matching_ms_per_query']:10.3f}")
-    return "\n".join(lines)
+def _eval_split(config: ml_collections.ConfigDict, dataset: str) -> Split:
+    """eval.split of `dataset`: data.dataset_name is prepared (rendered if synthetic and missing),
+    any other name must be a dataset folder under the datasets folder."""
+    folder = (prepare_dataset(config, (config.eval.split,)) if dataset == config.data.dataset_name
+              else eval_run.datasets_root(config.data) / dataset)
+    split = load_split(folder, config.eval.split, config.data.val_positive_dist_threshold)
+    print(split)
+    return split
 
 
-def _eval_output(config: ml_collections.ConfigDict, workdir: Path, method: str) -> Path:
-    """Where one test method's results go in a training workdir:
-    eval/<dataset>_<split>_<test_method>[_pca<d>][_<index>] (.json, and a folder for pictures)."""
-    name = f"{config.data.dataset_name}_{config.eval.split}_{method}"
-    if config.eval.pca_dim is not None:
-        name += f"_pca{config.eval.pca_dim}"
-    if config.eval.index != "flat":
-        name += f"_{config.eval.index}"
-    return workdir / "eval" / name
+def _eval_folder(config: ml_collections.ConfigDict, workdir: Path, in_run: bool, dataset: str,
+                 several: bool) -> Path:
+    """Where a dataset's pictures and descriptors go: in a training workdir
+    eval/<dataset>_<split>[_pca<d>][_<index>]/; else the workdir, or workdir/<dataset> when
+    several datasets are evaluated."""
+    if in_run:
+        return workdir / "eval" / f"{dataset}_{config.eval.split}{eval_run.options_suffix(config.eval)}"
+    return workdir / dataset if several else workdir
+
+
+def _write_run_evaluation(config: ml_collections.ConfigDict, workdir: Path, network: dict, split: Split,
+                          dataset: str, results: dict[str, dict]) -> None:
+    """In a training workdir, one JSON per test method:
+    eval/<dataset>_<split>_<test_method>[_pca<d>][_<index>].json."""
+    suffix = eval_run.options_suffix(config.eval)
+    (workdir / "eval").mkdir(exist_ok=True)
+    for method, result in results.items():
+        path = workdir / "eval" / f"{dataset}_{config.eval.split}_{method}{suffix}.json"
+        _write_json(path, {"split": str(split.folder), "test_method": method, "network": network, **result})
+        print(f"Wrote {path}")
+
+
+def _write_table(config: ml_collections.ConfigDict, folder: Path, network: dict,
+                 results: dict[str, dict[str, dict]]) -> None:
+    """Prints the cross-dataset tables and writes them to folder/table[_pca<d>][_<index>].md and
+    .json, and their recall@N curves to folder/recalls[_pca<d>][_<index>].png."""
+    suffix, options = eval_run.options_suffix(config.eval), config.eval
+    title = (f"Recall@N (%) of {network['backbone']} + {network['aggregation']} on the {options.split} split"
+             + (f", PCA to {options.pca_dim}" if options.pca_dim is not None else "")
+             + (f", index {options.index}" if options.index != "flat" else ""))
+    text = f"{title}\n\n{eval_table.markdown(results)}"
+    print(text)
+    (folder / f"table{suffix}.md").write_text(text)
+    _write_json(folder / f"table{suffix}.json", {"title": title, "network": network,
+                                                 "tables": eval_table.by_method(results)})
+    eval_table.save_plot(folder / f"recalls{suffix}.png", results, title=title)
+    print(f"Wrote {folder / f'table{suffix}.md'} (and .json), {folder / f'recalls{suffix}.png'}")
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-    """Evaluates the configured model (or a training run's network) on config.eval.split; writes
-    workdir/results.json, or workdir/eval/*.json in a training workdir."""
+    """Evaluates the configured model (or a training run's network) on eval.split of each of
+    eval.datasets (vgjax.eval_run); writes the table, and workdir/results.json, or in a training
+    workdir eval/*.json (see the module doc)."""
     in_run = checkpoint.run_folder(workdir) is not None
     # model.resume may be a run (a weights file is not); else the workdir's own run, if any.
-    run = checkpoint.run_folder(config.model.resume) if config.model.resume else (workdir if in_run else None)
+    run = _run_to_use(config, workdir)
     if run is not None:
         model_config, model, variables = runs.network_from_run(config.model, run, tuple(config.data.resize),
                                                                keep_defaults=True)
         config = config.copy_and_resolve_references()
         config.model = model_config
         embed_fn = embed.make_embed_fn(model, variables)
-    split = load_split(prepare_dataset(config, (config.eval.split,)), config.eval.split,
-                       config.data.val_positive_dist_threshold)
-    print(split)
+    splits = {name: _eval_split(config, name) for name in eval_run.dataset_names(config)}
     if run is None:
         embed_fn = build_embed_fn(config)
-    pca = _fit_pca(config, embed_fn)
-    method = config.eval.test_method
-    methods = evaluate_lib.TEST_METHODS if method == "all" else (method,)
-    results, database = {}, None
-    for method in methods:
-        result = evaluate_lib.evaluate(
-            embed_fn, split, test_method=method, resize=tuple(config.data.resize),
-            recall_values=tuple(config.eval.recall_values), index_kind=config.eval.index,
-            index_params=parse_index_params(config.eval.index_params),
-            batch_size=config.data.infer_batch_size, majority_weight=config.eval.majority_weight,
-            pca=pca, num_threads=config.data.num_workers, database_descriptors=database,
-            keep_descriptors=True)
-        database = result.database_descriptors
-        print(f"Recalls on {split.folder} ({method}): {result}")
-        results[method] = {
-            "recalls": {f"R@{n}": r for n, r in result.recalls.items()},
-            "descriptor_dim": result.descriptor_dim,
-            "index": result.index,
-            "timings": result.timings,
-        }
-        out = _eval_output(config, workdir, method) if in_run else workdir
-        if config.eval.num_preds_to_save > 0:
-            visualize.save_evaluation_pictures(out / "predictions" / method, split,
-                                               result.predictions, result.recalls, config.eval,
-                                               title=method)
-        if config.eval.save_descriptors:
-            evaluate_lib.export_descriptors(
-                out / "descriptors" / method, split, result.database_descriptors,
-                result.query_descriptors, test_method=method, pca_dim=config.eval.pca_dim)
+    pca, network, results = eval_run.fit_pca(config, embed_fn), run_description(config, run), {}
+    for name, split in splits.items():
+        folder = _eval_folder(config, workdir, in_run, name, len(splits) > 1)
+        results[name] = eval_run.evaluate_split(config, embed_fn, split, folder, pca=pca)
         if in_run:
-            out.parent.mkdir(exist_ok=True)
-            _write_json(out.with_suffix(".json"), {"split": str(split.folder), "test_method": method,
-                                                   "network": run_description(config, run), **results[method]})
-            print(f"Wrote {out.with_suffix('.json')}")
-    summary = {"split": str(split.folder), "num_database": split.num_database,
-               "num_queries": split.num_queries, "backbone": config.model.backbone,
-               "results": results}
-    print(_results_table(results))
+            _write_run_evaluation(config, workdir, network, split, name, results[name])
+    _write_table(config, workdir / "eval" if in_run else workdir, network, results)
+    datasets = {name: {"split": str(split.folder), "num_database": split.num_database,
+                       "num_queries": split.num_queries, "results": results[name]} for name, split in splits.items()}
+    summary = {**next(iter(datasets.values())), "backbone": config.model.backbone, "datasets": datasets}
     return summary if in_run else _write_results(workdir, summary)
 
 
@@ -239,6 +211,33 @@ def run_description(config: ml_collections.ConfigDict, run: Path | None) -> dict
     if run is not None:
         network.update(run=str(run), checkpoint=config.model.resume_checkpoint)
     return network
+
+
+def _run_to_use(config: ml_collections.ConfigDict, workdir: Path) -> Path | None:
+    """The vgjax training run whose network eval and export use: model.resume when it is one
+    (a weights file is not), else the workdir's own run, if any."""
+    return checkpoint.run_folder(config.model.resume) if config.model.resume else checkpoint.run_folder(workdir)
+
+
+def run_export(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Exports a training run's network (see the module doc) or config.model with its weights
+    into workdir/export/ (vgjax.models.export); returns what was written where."""
+    image_size = tuple(config.data.resize)
+    run = _run_to_use(config, workdir)
+    if run is not None:
+        model_config, _, variables = runs.network_from_run(config.model, run, image_size, keep_defaults=True)
+        name = f"{model_config.backbone}_{model_config.aggregation}_{model_config.resume_checkpoint}"
+        source = {"run": str(run), "checkpoint": model_config.resume_checkpoint}
+    else:  # validate.check refused model.pretrain=none here: the weights are asked for
+        model_config, name = config.model, f"{config.model.backbone}_{config.model.aggregation}"
+        _, variables = pretrained.build_and_load(model_config, image_size, config.seed)
+        source = {"weights": config.model.resume or config.model.pretrain}
+    files = export.export(workdir / "export", name, model_config, variables, image_size)
+    for path in files.values():
+        print(f"Wrote {path}")
+    network = {**{key: model_config[key] for key in runs.ARCHITECTURE_KEYS}, **source}
+    return {"network": network, "image_size": list(image_size),
+            **{kind: str(path) for kind, path in files.items()}}
 
 
 def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:
@@ -259,9 +258,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Packs the train split for training (see vgjax.train.triplet.packed_train_loader)."""
-    folder = triplet.packed_train_folder(config)
-    if folder is None:
-        raise ValueError("mode pack needs --config.data.packed_folder=DIR")
+    folder = triplet.packed_train_folder(config)  # data.packed_folder is set (validate.check)
     dataset_dir = prepare_dataset(config, ("train", "val", "test"))
     split = load_split(dataset_dir, "train", config.data.val_positive_dist_threshold)
     triplet.packed_train_loader(config, dataset_dir, split)  # packs if missing, then validates
@@ -273,8 +270,6 @@ def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 def run_train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Trains config.model on the dataset's train/val splits, tests the best; results.json."""
-    loop.check_train_config(config)  # before any work
-    triplet.check_config(config)
     dataset_dir = prepare_dataset(config, ("train", "val", "test"))
     method = triplet.Triplet(config, dataset_dir)
     return _write_results(workdir, loop.train_and_evaluate(config, workdir, method,
@@ -284,8 +279,6 @@ def run_train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 def run_train_cosplace(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """CosPlace training on config.cosplace's folders (absolute, or relative to
     <datasets_folder>/<dataset_name> when data.dataset_name is set); results.json."""
-    loop.check_train_config(config)  # before any work
-    cosplace.check_config(config)
     config = config.copy_and_resolve_references()  # the folders are made absolute below
     if config.data.dataset_name:
         root = prepare_dataset(config, ())
@@ -304,6 +297,16 @@ def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
+
+
+def print_config(config: ml_collections.ConfigDict) -> dict:
+    """Prints the resolved config (as config.json would hold it) and its differences from the
+    defaults; writes nothing. Returns {"differences": config_diff(config)}."""
+    differences = config_diff(config)
+    print(config.to_json_best_effort(indent=2))
+    print("Differences from the defaults (vgjax/configs/common.py):")
+    print("\n".join(f"  {line}" for line in differences) or "  none")
+    return {"differences": differences}
 
 
 def config_diff(config: ml_collections.ConfigDict) -> list[str]:

@@ -195,16 +195,42 @@ def _training_sample(x: np.ndarray, seed: int, train_size: int | None) -> np.nda
     return x[rows]
 
 
-def _resolve_params(kind: str, dim: int, num_vectors: int, num_train: int, given: dict) -> dict:
-    """Validate the user's params for ``kind`` and fill in defaults, in a fixed order."""
+def parse_params(text: str) -> dict[str, int | float]:
+    """The text form of an index's params (config.eval.index_params): 'nlist=1024,nprobe=16' ->
+    {'nlist': 1024, 'nprobe': 16}; ValueError naming the item that is not name=number."""
+    params = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name:
+            raise ValueError(f"expected name=value items, got {item!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not a number") from None
+        params[name] = int(number) if number.is_integer() and "." not in value else number
+    return params
+
+
+def check_params(kind: str, params: dict) -> None:
+    """ValueError for a parameter ``kind`` does not take, or a value (other than None, the
+    default) that is not a positive integer. ``kind`` is one of INDEX_KINDS."""
     valid = _KIND_PARAMS[kind]
-    unknown = sorted(set(given) - set(valid))
+    unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown parameter(s) {', '.join(unknown)} for index kind {kind!r}; "
             f"valid parameters: {', '.join(valid) or '(none)'}"
         )
-    p = {name: _positive_int(name, value) for name, value in given.items() if value is not None}
+    for name, value in params.items():
+        if value is not None:
+            _positive_int(name, value)
+
+
+def _resolve_params(kind: str, dim: int, num_vectors: int, num_train: int, given: dict) -> dict:
+    """Validate the user's params for ``kind`` and fill in defaults, in a fixed order."""
+    valid = _KIND_PARAMS[kind]
+    check_params(kind, given)
+    p = {name: int(value) for name, value in given.items() if value is not None}
     if "nlist" in valid:
         p.setdefault("nlist", max(1, min(round(4 * math.sqrt(num_vectors)), num_train // MIN_POINTS_PER_CENTROID)))
         _require_training(f"nlist={p['nlist']}", p["nlist"], num_train)

@@ -49,11 +49,18 @@ def _trainable_count(config, params) -> int:
 
 
 def xla_flops(fn, *args) -> float:
-    """FLOPs XLA's cost analysis reports for the compiled `fn(*args)`."""
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """FLOPs of `fn(*args)` (arrays or jax.ShapeDtypeStruct), from XLA's cost analysis."""
+    return lowered_flops(jax.jit(fn).lower(*args))
+
+
+def lowered_flops(lowered: jax.stages.Lowered) -> float:
+    """FLOPs of a lowered computation, from XLA's HLO cost analysis before optimization: the
+    same count on every platform (after compilation, GPU convolutions are cuDNN custom calls
+    that the analysis does not count)."""
+    analysis = lowered.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax returns one dict per computation
         analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
+    return float((analysis or {}).get("flops", float("nan")))
 
 
 def _time_forward(forward, variables, images, iterations: int) -> tuple[float, float]:

@@ -190,17 +190,22 @@ def save_predictions(out_dir: str | os.PathLike, split: Split, predictions: np.n
 # Plots.
 
 
+def _recall_n(key: int | str) -> int:
+    """N of a recall key: N itself or "R@N" (as results.json writes them)."""
+    return int(key.removeprefix("R@")) if isinstance(key, str) else int(key)
+
+
 def _as_runs(recalls: Mapping) -> dict[str, dict[int, float]]:
     if not recalls:
         raise ValueError("recalls is empty")
     if all(isinstance(v, Mapping) for v in recalls.values()):
-        runs = {str(label): dict(run) for label, run in recalls.items()}
+        runs = {str(label): {_recall_n(n): r for n, r in run.items()} for label, run in recalls.items()}
     elif not any(isinstance(v, Mapping) for v in recalls.values()):
-        runs = {"": dict(recalls)}
+        runs = {"": {_recall_n(n): r for n, r in recalls.items()}}
     else:
         raise ValueError("recalls must be {N: percent} or {label: {N: percent}}, not a mix")
     for label, run in runs.items():
-        if not run or any(int(n) < 1 for n in run):
+        if not run or any(n < 1 for n in run):
             raise ValueError(f"run {label!r}: recall values N must be >= 1, got {sorted(run)}")
     return runs
 
@@ -213,7 +218,7 @@ def save_recall_plot(path: str | os.PathLike,
     Args:
       path: the .png to write (parent folders are created).
       recalls: one run {N: percent} (e.g. EvaluationResult.recalls) or several
-        {label: {N: percent}}; several runs get a legend.
+        {label: {N: percent}}; several runs get a legend. N may also be written "R@N".
       title: the plot title.
 
     The x axis is logarithmic when the N values span a factor of 10 or more, with a tick at each

@@ -5,7 +5,9 @@ measured are 15-25% slower for inference and about 2x slower for training than X
 convolutions (see benchmarks/README.md). `apply_cpu_defaults()` (run by `import vgjax`) therefore
 adds `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions) to $XLA_FLAGS.
 
-- It is a CPU-only flag; GPU and TPU backends ignore it.
+- Only where jax will run on the CPU: $JAX_PLATFORMS names cpu first, or is unset and no GPU
+  or TPU plugin (jax-cuda*/jax-rocm*/libtpu) is installed. On a GPU or TPU machine importing
+  vgjax changes nothing and says nothing.
 - A value already in $XLA_FLAGS wins (e.g. `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-ynn_fusion`
   style lists, see XLA's flag help); `VGJAX_XLA_DEFAULTS=0` keeps jax's own defaults.
 - Only applied for the jaxlib versions it was measured on (an unknown flag aborts XLA).
@@ -23,6 +25,7 @@ import warnings
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 CPU_DEFAULTS = (f"{YNN_FLAG}=",)
 MEASURED_JAXLIB = ("0.10.",)  # version prefixes where the flag exists and was measured to help
+ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")  # distribution name prefixes
 
 
 def _jaxlib_version() -> str:
@@ -30,6 +33,15 @@ def _jaxlib_version() -> str:
         return importlib.metadata.version("jaxlib")
     except importlib.metadata.PackageNotFoundError:
         return ""
+
+
+def _runs_on_cpu() -> bool:
+    """Whether jax's default backend will be the CPU, decided without starting jax."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
+    return not any(name.lower().startswith(ACCELERATOR_PLUGINS) for name in names)
 
 
 def _backend_started() -> bool:
@@ -41,7 +53,7 @@ def apply_cpu_defaults() -> list[str]:
     """Adds CPU_DEFAULTS to $XLA_FLAGS where the user has not set them; returns what it added."""
     if os.environ.get("VGJAX_XLA_DEFAULTS", "1") == "0":
         return []
-    if not _jaxlib_version().startswith(MEASURED_JAXLIB):
+    if not _jaxlib_version().startswith(MEASURED_JAXLIB) or not _runs_on_cpu():
         return []
     current = os.environ.get("XLA_FLAGS", "")
     added = [flag for flag in CPU_DEFAULTS if flag.split("=")[0] + "=" not in current]

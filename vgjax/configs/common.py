@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
         l2="before_pool",
         netvlad_clusters=64,
         fc_output_dim=config_dict.placeholder(int),
-        pretrain="imagenet",  # imagenet | places365 (resnet18) | none | a local weights file
+        pretrain="imagenet",  # imagenet | places365 (resnet18) | none | random (evaluated on purpose) | a weights file
         trunc_te=config_dict.placeholder(int),
         freeze_te=config_dict.placeholder(int),
         dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
@@ -94,7 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict(dict(
         split="test",
-        test_method="hard_resize",
+        datasets=(),  # --mode eval: names under data.datasets_folder (e.g. pitts30k,msls); empty: data.dataset_name
+        test_method="hard_resize",  # one, several separated by commas, or all
         majority_weight=0.01,
         recall_values=(1, 5, 10, 20),
         pca_dim=config_dict.placeholder(int),

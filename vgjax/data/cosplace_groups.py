@@ -28,7 +28,9 @@ Deliberate differences from CosPlace:
   DatasetFormatError naming the file (CosPlace crashes on the first, silently accepts the others).
 - The cache is keyed by the folder's absolute path and all parameters, and is rebuilt when the
   folder's file names change (CosPlace keys it by the folder's base name and never rebuilds it).
-- Directory symlink cycles are skipped instead of being followed until the path is too long.
+- Directory symlink cycles are skipped instead of being followed until the path is too long, and
+  a broken link is an error naming it (CosPlace's glob lists a broken `.jpg` link, which fails
+  to open later, and drops a broken directory link silently).
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ from tqdm import tqdm
 from vgjax.data.vg_folder import (
     FIELD_NAMES,
     IMAGE_SUFFIX,
+    MAX_COORDINATE,
     DatasetFormatError,
+    check_not_broken_link,
     parse_image_name,
 )
 
@@ -61,7 +65,6 @@ _RACY_MARGIN_NS = 2 * 10**9
 _PARSE_CHUNK = 65536
 _NUM_PARTS = len(FIELD_NAMES) + 2
 _EAST, _NORTH, _HEADING = (1 + FIELD_NAMES.index(f) for f in ("east", "north", "heading"))
-_MAX_COORDINATE = 2.0**53  # floats above this are not exact integers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ def _first_bad(bad: np.ndarray, paths: Sequence[str] | None) -> tuple[int, str]:
 def _check_coordinates(east: np.ndarray, north: np.ndarray, heading: np.ndarray,
                        paths: Sequence[str] | None) -> None:
     for name, values in (("east", east), ("north", north)):
-        bad = ~(np.abs(values) < _MAX_COORDINATE)
+        bad = ~(np.abs(values) < MAX_COORDINATE)
         if bad.any():
             i, where = _first_bad(bad, paths)
             raise DatasetFormatError(f"{where}: UTM {name} must be a finite number below 2**53 "
@@ -317,7 +320,9 @@ def _list_jpgs(folder: str, progress: bool) -> tuple[list[str], dict[str, int]]:
                         continue
                     if entry.is_dir():
                         stack.append((relative + entry.name + "/", ancestors + (inode,)))
-                    elif entry.name.endswith(IMAGE_SUFFIX):
+                        continue
+                    check_not_broken_link(entry)
+                    if entry.name.endswith(IMAGE_SUFFIX):
                         names.append(relative + entry.name)
             bar.update(len(names) - found)
     if not names:

@@ -17,16 +17,40 @@ import numpy as np
 from PIL import Image
 
 
+# What `open_image` raises for a file that cannot be opened (callers name the file).
+OPEN_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Opens an image file (PIL, lazily), with PIL's decompression-bomb limit as an error.
+
+    PIL raises DecompressionBombError above 2 * PIL.Image.MAX_IMAGE_PIXELS but only warns above
+    MAX_IMAGE_PIXELS; here both are errors (set MAX_IMAGE_PIXELS = None to read any size).
+
+    Raises:
+      One of OPEN_ERRORS.
+    """
+    image = Image.open(path)
+    limit, pixels = Image.MAX_IMAGE_PIXELS, image.width * image.height
+    if limit is not None and pixels > limit:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"image size ({pixels} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS = {limit}, could be "
+            "a decompression bomb; raise that limit to read it")
+    return image
+
+
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decodes an image file to uint8 [H, W, 3] RGB.
 
     Raises:
-      OSError: naming the file if it cannot be read or decoded.
+      OSError: naming the file if it cannot be read or decoded, or has more pixels than PIL
+        allows (see `open_image`).
     """
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
+    except OPEN_ERRORS as error:
         raise OSError(f"cannot read image {path}: {error}") from error
 
 

@@ -153,11 +153,11 @@ def _image_payload(path: str, image_size: tuple[int, int], encoding: str, qualit
     """The stored bytes of one image at image_size (H, W): a same-size source JPEG verbatim, else
     decoded, resized as the training pipeline does and encoded."""
     try:
-        with Image.open(path) as image:
+        with image_ops.open_image(path) as image:
             if encoding == "jpeg" and image.format == "JPEG" and image.size == image_size[::-1]:
                 return Path(path).read_bytes()
             rgb = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
+    except image_ops.OPEN_ERRORS as error:
         raise OSError(f"cannot read image {path}: {error}") from error
     resized = image_ops.resize_pil_bilinear(rgb, image_size)
     return resized.tobytes() if encoding == "raw" else _jpeg_bytes(resized, quality)

@@ -11,8 +11,11 @@ planar UTM distance, inclusive) of a query, as the benchmark defines them.
 Deliberate differences from the PyTorch benchmark:
 - Fields are parsed from the file *name*, not the full path, so an `@` in a parent folder is
   harmless (the original splits the whole path and then reads wrong coordinates).
-- A name that does not parse, or non-finite coordinates, raise an error naming the file instead
-  of crashing later or being skipped.
+- A name that does not parse, or non-finite coordinates (or beyond 2**53 in magnitude), raise an
+  error naming the file instead of crashing later or being skipped.
+- Directory links are followed as the original's recursive glob follows them, but a link back to
+  one of its own ancestors is skipped (glob follows it until the path is too long); a broken link
+  is an error naming it (glob lists it and the image fails to open later).
 - Positives are stored sorted (the original's radius search returns them unsorted); recall is
   unaffected.
 """
@@ -24,7 +27,7 @@ import dataclasses
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,9 @@ NUMERIC_FIELDS = frozenset(
     {"east", "north", "zone_number", "lat", "lon", "tile_num", "heading", "pitch", "roll", "height"}
 )
 IMAGE_SUFFIX = ".jpg"
+# East/north beyond this magnitude are not exact integers, and their squared distances lose all
+# precision (1e308 overflows the positives search).
+MAX_COORDINATE = 2.0**53
 _OTHER_IMAGE_SUFFIXES = (".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 
@@ -60,7 +66,7 @@ def parse_image_name(path: str | os.PathLike) -> dict[str, float | str]:
 
     Raises:
       DatasetFormatError: naming the file, if the name does not have the 14 fields, a numeric
-        field is not a number, or east/north are missing or not finite.
+        field is not a number, or east/north are missing, not finite or beyond MAX_COORDINATE.
     """
     name = os.path.basename(os.fspath(path))
     parts = name.split("@")
@@ -82,9 +88,10 @@ def parse_image_name(path: str | os.PathLike) -> dict[str, float | str]:
                 f"{path}: field '{field_name}' must be a number, got {text!r}"
             ) from None
     for coord in ("east", "north"):
-        if not math.isfinite(fields[coord]):
+        if not abs(fields[coord]) < MAX_COORDINATE:
             raise DatasetFormatError(
-                f"{path}: UTM {coord} must be a finite number, got {parts[1 + FIELD_NAMES.index(coord)]!r}"
+                f"{path}: UTM {coord} must be a finite number below 2**53 in magnitude, "
+                f"got {parts[1 + FIELD_NAMES.index(coord)]!r}"
             )
     return fields
 
@@ -166,18 +173,54 @@ def find_split_folder(dataset_dir: str | os.PathLike, split: str) -> Path:
     )
 
 
+def check_not_broken_link(entry: os.DirEntry) -> None:
+    """DatasetFormatError naming `entry` if it is a symbolic link to nothing."""
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        raise DatasetFormatError(f"{entry.path}: broken symbolic link (its target "
+                                 f"{os.readlink(entry.path)} does not exist)")
+
+
+def _walk_files(folder: str | os.PathLike) -> Iterator[str]:
+    """Paths of the non-hidden files below `folder`, as `glob('<folder>/**/*', recursive=True)`
+    finds them: hidden entries are skipped and directory links followed, except a link back to
+    one of its own ancestors (a cycle).
+
+    Raises:
+      DatasetFormatError: naming a broken symbolic link (glob would list it silently).
+    """
+    stack = [(os.fspath(folder), ())]
+    while stack:
+        directory, ancestors = stack.pop()
+        stat = os.stat(directory)
+        inode = (stat.st_dev, stat.st_ino)
+        if inode in ancestors:
+            continue
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    stack.append((entry.path, ancestors + (inode,)))
+                else:
+                    check_not_broken_link(entry)
+                    yield entry.path
+
+
 def list_images(folder: str | os.PathLike) -> list[str]:
-    """Sorted paths of all `*.jpg` files below `folder` (recursive), as the benchmark lists them.
+    """Sorted paths of all `*.jpg` files below `folder` (recursive), as the benchmark's
+    recursive glob lists them (see `_walk_files`).
 
     Raises:
       FileNotFoundError: the folder does not exist.
-      DatasetFormatError: it holds no .jpg file (other image types are named in the message).
+      DatasetFormatError: it holds no .jpg file (other image types are named in the message), or
+        a broken symbolic link.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    paths = sorted(str(p) for p in folder.rglob("*" + IMAGE_SUFFIX) if p.is_file())
-    others = [p for p in folder.rglob("*") if p.suffix in _OTHER_IMAGE_SUFFIXES]
+    files = list(_walk_files(folder))
+    paths = sorted(path for path in files if path.endswith(IMAGE_SUFFIX))
+    others = [Path(path) for path in files if os.path.splitext(path)[1] in _OTHER_IMAGE_SUFFIXES]
     if not paths:
         hint = f" ({len(others)} files of other image types, e.g. {others[0].name}; convert them to .jpg)" if others else ""
         raise DatasetFormatError(f"image folder {folder} contains no {IMAGE_SUFFIX} files{hint}")

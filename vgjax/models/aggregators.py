@@ -19,7 +19,8 @@ to `dtype`.
 
 Weight import: `import_torch(reader, prefix, aggregation, channels, clusters)` reads one
 aggregation's tensors under the benchmark's names relative to the aggregation module (prefix
-"aggregation." for netvlad/crn/rrm, "aggregation.1." for gem under l2=before_pool, see §2.8).
+"aggregation." for netvlad/crn/rrm, "aggregation.1." for gem under l2=before_pool, see §2.8);
+`export_torch` writes them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgjax.models.convert import StateDictReader, WeightImportError, conv, dense, layer_norm
+from vgjax.models.convert import (StateDictReader, WeightImportError, conv, dense, layer_norm, torch_conv,
+                                  torch_dense, torch_layer_norm)
 
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -406,6 +408,32 @@ def _import_crn_module(reader: StateDictReader, prefix: str, channels: int) -> d
         raise WeightImportError(f"{reader.source}: '{prefix}acc_w' must be the benchmark's fixed "
                                 "weight 1 / bias 0 (vgjax's CRN hard-codes it)")
     return params
+
+
+def export_torch(variables: dict, prefix: str, aggregation: str, tokens: bool = False) -> dict:
+    """The inverse of `import_torch`: one aggregation's {"params"} -> float32 tensors
+    `prefix + <key>` in the benchmark's layouts. NetVLAD's `conv.weight` is [K, C, 1, 1]
+    (Conv2d), or [K, C, 1] (Conv1d) after a token backbone; CRN's fixed `acc_w` is written as
+    the benchmark holds it (weight 1 [1, 84, 1, 1], bias 0)."""
+    params = variables.get("params", {})
+    if _check_name(aggregation) == "gem":
+        return {prefix + "p": np.asarray(params["p"], np.float32)}
+    if aggregation == "rrm":
+        return {**torch_layer_norm(params["ln1"], prefix + "ln1"),
+                **torch_dense(params["fc1"], prefix + "fc1"), **torch_dense(params["fc2"], prefix + "fc2"),
+                **torch_layer_norm(params["ln2"], prefix + "ln2")}
+    if aggregation not in ("netvlad", "crn"):
+        return {}
+    kernel = np.asarray(params["assignment_kernel"], np.float32).T  # [K, C]
+    state = {prefix + "centroids": np.asarray(params["centroids"], np.float32),
+             prefix + "conv.weight": kernel[..., None] if tokens else kernel[..., None, None]}
+    if aggregation == "crn":
+        for size, _ in _CRN_FILTERS:
+            name = f"filter_{size}_{size}"
+            state.update(torch_conv(params["crn"][name], f"{prefix}crn.{name}"))
+        state[prefix + "crn.acc_w.weight"] = np.ones((1, 84, 1, 1), np.float32)
+        state[prefix + "crn.acc_w.bias"] = np.zeros(1, np.float32)
+    return state
 
 
 def _import_rrm(reader: StateDictReader, prefix: str, channels: int) -> dict:

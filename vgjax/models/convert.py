@@ -3,23 +3,27 @@ Flax variables, loudly.
 
 `read_state_dict` reads .pth/.pt/.bin (torch pickles, only with `torch.load(weights_only=True)`
 plus an allowlist of the numpy types that benchmark checkpoints contain), `.npz` without pickle
-and `.safetensors` with a small validating reader: files are untrusted input.
+and `.safetensors` with the `safetensors` package (`read_safetensors`, `write_safetensors`): files
+are untrusted input.
 
 Every importer reads its tensors through a `StateDictReader`: each read checks the shape, and
 `finish()` fails if any tensor was neither read nor explicitly ignored, so a wrong or partial
-checkpoint can never load silently.
+checkpoint can never load silently. `torch_conv`, `torch_dense`, `torch_layer_norm` and
+`torch_batch_norm` are the inverses of `conv`, `dense`, `layer_norm` and `batch_norm` (export).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 
 class WeightImportError(ValueError):
@@ -115,6 +119,43 @@ def batch_norm(reader: StateDictReader, prefix: str, channels: int) -> tuple[dic
     return params, stats
 
 
+def _float32(value) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32)
+
+
+def torch_conv(params: Mapping, name: str) -> dict[str, np.ndarray]:
+    """flax Conv params (kernel [kh, kw, I, O], bias if any) -> torch Conv2d '<name>.weight'
+    [O, I, kh, kw] (and '<name>.bias')."""
+    state = {f"{name}.weight": np.transpose(_float32(params["kernel"]), (3, 2, 0, 1))}
+    if "bias" in params:
+        state[f"{name}.bias"] = _float32(params["bias"])
+    return state
+
+
+def torch_dense(params: Mapping, name: str) -> dict[str, np.ndarray]:
+    """flax Dense params (kernel [n_in, n_out], bias if any) -> torch Linear '<name>.weight'
+    [n_out, n_in] (and '<name>.bias')."""
+    state = {f"{name}.weight": _float32(params["kernel"]).T}
+    if "bias" in params:
+        state[f"{name}.bias"] = _float32(params["bias"])
+    return state
+
+
+def torch_layer_norm(params: Mapping, name: str) -> dict[str, np.ndarray]:
+    """flax LayerNorm params {scale, bias} -> torch LayerNorm '<name>.{weight,bias}'."""
+    return {f"{name}.weight": _float32(params["scale"]), f"{name}.bias": _float32(params["bias"])}
+
+
+def torch_batch_norm(params: Mapping, stats: Mapping, prefix: str) -> dict[str, np.ndarray]:
+    """flax BatchNorm (params {scale, bias}, batch_stats {mean, var}) -> torch BatchNorm2d
+    '<prefix>.{weight,bias,running_mean,running_var,num_batches_tracked}'. vgjax does not count
+    batches: num_batches_tracked is 0, which changes nothing while torch's momentum is set."""
+    return {f"{prefix}.weight": _float32(params["scale"]), f"{prefix}.bias": _float32(params["bias"]),
+            f"{prefix}.running_mean": _float32(stats["mean"]),
+            f"{prefix}.running_var": _float32(stats["var"]),
+            f"{prefix}.num_batches_tracked": np.array(0, dtype=np.int64)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading files.
 
@@ -142,36 +183,28 @@ def _torch_load(path: Path) -> object:
             raise WeightImportError(f"{path}: not a loadable weights-only torch file: {error}") from error
 
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-                       "U8": np.uint8, "BOOL": np.bool_}
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, header metadata) of a .safetensors file, bfloat16 widened to float32. A file the
+    safetensors package rejects (bad header, offsets, dtype) raises WeightImportError naming it."""
+    try:
+        with safetensors.safe_open(path, framework="np", backend="pread") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except (safetensors.SafetensorError, TypeError) as error:
+        raise WeightImportError(f"{path}: not a valid .safetensors file: {error}") from error
+    return ({name: array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else array
+             for name, array in tensors.items()}, metadata)
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A validating .safetensors reader (bfloat16 is widened to float32)."""
-    data = Path(path).read_bytes()
-    if len(data) < 8:
-        raise WeightImportError(f"{path}: too short for a safetensors file")
-    (header_size,) = struct.unpack("<Q", data[:8])
-    if header_size > len(data) - 8:
-        raise WeightImportError(f"{path}: header size {header_size} exceeds the file")
-    header = json.loads(data[8:8 + header_size])
-    buffer = memoryview(data)[8 + header_size:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if dtype is None or not 0 <= begin <= end <= len(buffer) or \
-                end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-            raise WeightImportError(f"{path}: tensor '{name}' has an invalid header entry {info}")
-        array = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape)
-        if info["dtype"] == "BF16":
-            array = (array.astype(np.uint32) << 16).view(np.float32)
-        tensors[name] = array
-    return tensors
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes `tensors` (name -> array) and string `metadata` as a .safetensors file, atomically
+    (a crash never leaves a truncated file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    arrays = {name: np.asarray(array, order="C") for name, array in tensors.items()}
+    tmp.write_bytes(safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None))
+    tmp.replace(path)
 
 
 def _unwrap_state_dict(obj: object, source: str) -> Mapping:
@@ -185,6 +218,29 @@ def _unwrap_state_dict(obj: object, source: str) -> Mapping:
             return obj
     raise WeightImportError(f"{source}: no state dict found (expected a mapping of tensors, or "
                             "one under 'model_state_dict' or 'state_dict')")
+
+
+def _npz_members(path: Path) -> dict | np.ndarray:
+    """np.load without pickle: {name: member} for an archive, the array for a .npy file."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, Mapping):
+        return loaded
+    with loaded:
+        return {name: loaded[name] for name in loaded.files}
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The numeric arrays of a .npz archive; anything else raises WeightImportError naming it."""
+    try:
+        state = _npz_members(path)
+    except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile) as error:
+        raise WeightImportError(f"{path}: not a .npz archive of numeric arrays: {error}") from error
+    if not isinstance(state, dict):
+        raise WeightImportError(f"{path}: one array in .npy format, not a .npz archive of named tensors")
+    for name, value in state.items():  # a member that is not .npy data comes back as bytes
+        if np.asarray(value).dtype.kind not in "biuf":
+            raise WeightImportError(f"{path}: tensor {name!r} has non-numeric dtype {np.asarray(value).dtype}")
+    return state
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -203,10 +259,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            state = {k: archive[k] for k in archive.files}
+        state = _read_npz(path)
     elif path.suffix == ".safetensors":
-        state = read_safetensors(path)
+        state, _ = read_safetensors(path)
     else:
         state = _unwrap_state_dict(_torch_load(path), str(path))
     state = {k: _to_numpy(v) for k, v in state.items()}

@@ -34,6 +34,9 @@ from vgjax.models.aggregators import l2_normalize
 
 L2_MODES = ("before_pool", "after_pool", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The model config keys that change the network's parameters (not how it is trained or run): what
+# a vgjax model file records (models.export) and a training run's architecture check compares.
+ARCHITECTURE_KEYS = ("backbone", "aggregation", "l2", "netvlad_clusters", "fc_output_dim", "trunc_te")
 
 
 class GeoLocalizationNet(nn.Module):
@@ -92,11 +95,17 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_image_size(backbone: str, image_size: tuple[int, int]) -> None:
-    """ViT needs 224x224 or 384x384, CCT 384x384 (their position embeddings are fixed)."""
-    sizes = registry.backbone(backbone).image_sizes
-    if sizes and tuple(image_size) not in sizes:
-        raise ValueError(f"backbone {backbone} needs resize {' or '.join(map(str, sizes))}, "
+    """ViT needs 224x224 or 384x384, CCT 384x384 (their position embeddings are fixed); a CNN
+    needs at least its `min_size` per side (a smaller input gives an empty feature map, hence
+    all-zero descriptors)."""
+    entry = registry.backbone(backbone)
+    if entry.image_sizes and tuple(image_size) not in entry.image_sizes:
+        raise ValueError(f"backbone {backbone} needs resize {' or '.join(map(str, entry.image_sizes))}, "
                          f"got {tuple(image_size)}")
+    if min(image_size) < entry.min_size:
+        raise ValueError(f"backbone {backbone} needs data.resize of at least {entry.min_size}x"
+                         f"{entry.min_size} (a smaller input gives an empty feature map and all-zero "
+                         f"descriptors), got {tuple(image_size)}")
 
 
 def _aggregation(config, dtype) -> nn.Module | None:

@@ -38,6 +38,13 @@ def images_needed(descriptors_num: int = DESCRIPTORS_NUM,
     return math.ceil(descriptors_num / per_image)
 
 
+def check_positions(positions: int, per_image: int = DESCRIPTORS_PER_IMAGE) -> None:
+    """ValueError when an image's backbone output has fewer positions (map cells or tokens) than
+    the `per_image` local descriptors drawn from it."""
+    if per_image > positions:
+        raise ValueError(f"cannot sample {per_image} descriptors per image from {positions} positions")
+
+
 def sample_local_descriptors(features_batches: Iterable[np.ndarray],
                              per_image: int = DESCRIPTORS_PER_IMAGE,
                              rng: np.random.Generator | int = 0) -> np.ndarray:
@@ -61,9 +68,7 @@ def sample_local_descriptors(features_batches: Iterable[np.ndarray],
                              f"got shape {batch.shape}")
         batch = batch.reshape(batch.shape[0], -1, batch.shape[-1])
         positions = batch.shape[1]
-        if per_image > positions:
-            raise ValueError(f"cannot sample {per_image} descriptors per image from "
-                             f"{positions} positions")
+        check_positions(positions, per_image)
         picks = np.stack([rng.choice(positions, per_image, replace=False) for _ in batch])
         chunks.append(np.take_along_axis(batch, picks[:, :, None], axis=1))
     if not chunks:

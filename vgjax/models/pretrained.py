@@ -38,7 +38,9 @@ TORCHVISION_URLS = {
     "alexnet": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
 }
 # The benchmark's ResNet children indices -> torchvision names (reference §2.8).
-_RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+# Where the benchmark's state dicts hold a token backbone's own keys (CNN keys are renamed).
+TOKEN_BACKBONE_PREFIXES = {"vit": "backbone.vit_model.", "cct384": "backbone."}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +84,9 @@ def _rename_benchmark_backbone(state: Mapping[str, np.ndarray], backbone: str) -
     for key, value in state.items():
         if backbone.startswith("resnet") and key.startswith("backbone."):
             child, _, rest = key[len("backbone."):].partition(".")
-            if child not in _RESNET_CHILDREN:
+            if child not in RESNET_CHILDREN:
                 raise WeightImportError(f"unexpected ResNet tensor '{key}'")
-            key = f"{_RESNET_CHILDREN[child]}.{rest}"
+            key = f"{RESNET_CHILDREN[child]}.{rest}"
         elif backbone in ("vgg16", "alexnet") and key.startswith("backbone."):
             key = "features." + key[len("backbone."):]
         renamed[key] = value
@@ -127,7 +129,7 @@ def load_cct(path: str | os.PathLike, model_config, image_size=(384, 384)) -> di
     return _variables(backbone=variables)
 
 
-def _aggregation_prefixes(config) -> tuple[str, str | None]:
+def aggregation_prefixes(config) -> tuple[str, str | None]:
     """(prefix of the aggregation's own tensors, prefix of the FC) in a benchmark state dict."""
     inner = "aggregation."
     if config.aggregation in registry.POOLINGS:
@@ -159,10 +161,10 @@ def _benchmark_variables(state: dict, model_config, image_size, source: str) -> 
     if not backbone.tokens:
         state, backbone_prefix = _rename_benchmark_backbone(state, backbone.name), ""
     else:
-        backbone_prefix = "backbone.vit_model." if backbone.name == "vit" else "backbone."
+        backbone_prefix = TOKEN_BACKBONE_PREFIXES[backbone.name]
     reader = StateDictReader(state, source)
     parts = {"backbone": _import_backbone(reader, backbone_prefix, model_config, image_size)}
-    inner, fc_prefix = _aggregation_prefixes(model_config)
+    inner, fc_prefix = aggregation_prefixes(model_config)
     if model_config.aggregation not in registry.TOKEN_OUTPUTS:
         aggregation = aggregators.import_torch(
             reader, inner, model_config.aggregation, backbone.channels, model_config.netvlad_clusters)
@@ -200,28 +202,42 @@ def load_cosplace_checkpoint(path: str | os.PathLike, model_config: ml_collectio
     return _variables(**parts)
 
 
+PRETRAIN_NAMES = ("imagenet", "places365", "none", "random")  # or a local weights file
+RANDOM_INIT = ("none", "random", "")  # random: asked for on purpose (vgjax.configs.validate)
+
+
+def check_pretrain(model_config: ml_collections.ConfigDict) -> None:
+    """ValueError or FileNotFoundError when `model_config.pretrain` cannot give this backbone
+    weights (reads and downloads nothing)."""
+    pretrain, backbone = model_config.pretrain, model_config.backbone
+    if pretrain == "places365" and not backbone.startswith("resnet18"):
+        raise ValueError(f"model.pretrain=places365 is a ResNet-18; got backbone {backbone}")
+    if pretrain == "imagenet" and _torchvision_arch(backbone) not in TORCHVISION_URLS:
+        raise ValueError(f"model.pretrain=imagenet is available for {sorted(TORCHVISION_URLS)}; for "
+                         f"{backbone} pass a local weights file as model.pretrain")
+    if pretrain not in PRETRAIN_NAMES + RANDOM_INIT and not Path(pretrain).is_file():
+        raise FileNotFoundError(f"model.pretrain={pretrain!r} is neither {', '.join(map(repr, PRETRAIN_NAMES))} "
+                                "nor an existing weights file (places/gldv2 weights: download them "
+                                "and pass the file)")
+
+
+def _torchvision_arch(backbone: str) -> str:
+    return re.sub(r"conv[45]$", "", backbone)
+
+
 def pretrained_backbone_file(model_config: ml_collections.ConfigDict) -> Path | None:
     """The file behind `model_config.pretrain`: a local path, "imagenet" (torchvision V1 weights,
-    cached or downloaded), "places365" (ResNet-18 only, vgjax.models.places365) or "none"."""
+    cached or downloaded), "places365" (ResNet-18 only, vgjax.models.places365), or None for
+    "none" and "random"."""
+    check_pretrain(model_config)
     pretrain = model_config.pretrain
-    if pretrain in ("none", ""):
+    if pretrain in RANDOM_INIT:
         return None
     if pretrain == "places365":
-        if not model_config.backbone.startswith("resnet18"):
-            raise ValueError(f"pretrain=places365 is a ResNet-18; got backbone {model_config.backbone}")
         return places365.resnet18_file()
     if pretrain == "imagenet":
-        arch = re.sub(r"conv[45]$", "", model_config.backbone)
-        if arch not in TORCHVISION_URLS:
-            raise ValueError(f"pretrain=imagenet is available for {sorted(TORCHVISION_URLS)}; for "
-                             f"{model_config.backbone} pass a local weights file as model.pretrain")
-        return fetch(TORCHVISION_URLS[arch])
-    path = Path(pretrain)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrain={pretrain!r} is neither 'imagenet', 'places365', 'none' nor an "
-                                "existing weights file (places/gldv2 weights: download them and "
-                                "pass the file)")
-    return path
+        return fetch(TORCHVISION_URLS[_torchvision_arch(model_config.backbone)])
+    return Path(pretrain)
 
 
 def load_pretrained_backbone(model_config, image_size) -> dict | None:
@@ -259,7 +275,8 @@ def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[in
         return model, merge_variables(variables, _load_whole_network(model_config, image_size))
     backbone = load_pretrained_backbone(model_config, image_size)
     if backbone is None:
-        logging.warning("model.pretrain=none and no model.resume: the network has RANDOM weights")
+        logging.warning(f"model.pretrain={model_config.pretrain} and no model.resume: the network has "
+                        "RANDOM weights")
         return model, variables
     return model, merge_variables(variables, backbone)
 

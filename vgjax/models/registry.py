@@ -4,7 +4,8 @@ Each entry holds the Flax module class and its fixed fields (e.g. ResNet depth a
 the fields it takes from the model config, its output channels, whether it outputs tokens
 [B, T, C] (CCT/ViT) rather than maps [B, h, w, C], the input sizes it needs, the aggregations the
 benchmark allows after it (reference §1.1), and its family module, which holds
-`import_torch(reader, prefix, **fields)` and `trainable_mask(params, ...)`.
+`import_torch(reader, prefix, **fields)`, its inverse `export_torch(variables, prefix, **fields)`
+and `trainable_mask(params, ...)`.
 `geoloc_net` (build, descriptor_dim, trainable_mask) and `pretrained` (weight import) read this
 table; no other module lists backbones.
 
@@ -51,9 +52,11 @@ class Backbone:
       config_fields: its fields read from the model config / input size (see `module_fields`).
       channels: C of its output maps or tokens.
       tokens: True when it outputs tokens [B, T, C] (and takes trunc_te, freeze_te).
-      family: the module holding `import_torch` and `trainable_mask`.
+      family: the module holding `import_torch`, `export_torch` and `trainable_mask`.
       aggregations: the aggregations the benchmark allows after it.
       image_sizes: the (H, W) it accepts; empty = any.
+      min_size: the smallest input side whose output map is not empty (its unpadded poolings
+        floor the size); 1 when padding keeps every map at least 1x1.
     """
 
     name: str
@@ -65,10 +68,11 @@ class Backbone:
     family: types.ModuleType
     aggregations: tuple[str, ...]
     image_sizes: tuple[tuple[int, int], ...] = ()
+    min_size: int = 1
 
     def module_fields(self, config: ml_collections.ConfigDict, image_size: tuple[int, int]) -> dict:
         """Every field of `module` except dtype, for a model config and input size (H, W); the
-        family's `import_torch` takes the same keywords."""
+        family's `import_torch` and `export_torch` take the same keywords."""
         return {**self.fields, **{name: _CONFIG_FIELDS[name](config, image_size)
                                   for name in self.config_fields}}
 
@@ -80,8 +84,8 @@ def _resnet(depth: int, last_stage: int) -> Backbone:
 
 
 _REGISTRY = {entry.name: entry for entry in (
-    Backbone("alexnet", alexnet.AlexNet, {}, (), 256, False, alexnet, _CNN_AGGREGATIONS),
-    Backbone("vgg16", vgg.VGG16, {}, (), 512, False, vgg, _CNN_AGGREGATIONS),
+    Backbone("alexnet", alexnet.AlexNet, {}, (), 256, False, alexnet, _CNN_AGGREGATIONS, min_size=31),
+    Backbone("vgg16", vgg.VGG16, {}, (), 512, False, vgg, _CNN_AGGREGATIONS, min_size=16),
     *(_resnet(depth, last_stage) for depth in (18, 50, 101) for last_stage in (4, 5)),
     Backbone("cct384", cct.CCT, {}, ("trunc_te", "output"), 384, True, cct,
              ("netvlad", "gem", "cls", "seqpool"), ((384, 384),)),

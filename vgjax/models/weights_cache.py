@@ -9,8 +9,10 @@ ImageNet weights) and `places365` (its converted .npz) both keep their files her
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +20,10 @@ from tqdm.auto import tqdm
 
 from vgjax.models.convert import WeightImportError
 from vgjax.runtime import cache_dir
+
+
+# No connection, a refused or failed request, a connection lost mid-way (not local disk errors).
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 
 
 def downloads_off(offline: bool | None = None) -> bool:
@@ -30,6 +36,11 @@ def fetch(url: str, *, offline: bool | None = None) -> Path:
 
     A torchvision-style hash prefix in the file name (name-<sha256[:8+]>.ext) is verified. With
     `offline` (default: $VGJAX_OFFLINE set), a missing file is an error, never a download.
+
+    Raises:
+      FileNotFoundError: the file is not cached and cannot be downloaded (offline, or no
+        network); the message names the URL and where to put the file.
+      WeightImportError: the download does not match the hash in its name.
     """
     target = cache_dir() / "weights" / url.rsplit("/", 1)[-1]
     if target.is_file():
@@ -39,18 +50,31 @@ def fetch(url: str, *, offline: bool | None = None) -> Path:
                                 f"download {url} there, or pass a local file")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
+    try:
+        digest = _download(url, partial)
+    except _NETWORK_ERRORS as error:
+        partial.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"cannot download {url} ({getattr(error, 'reason', error)}): put that file at {target} "
+            "(the cache is $VGJAX_CACHE/weights, default ~/.cache/vgjax/weights), or pass a local "
+            "weights file") from None
+    expected = re.search(r"-([0-9a-f]{8,})\.[a-z.]+$", target.name)
+    if expected and not digest.startswith(expected.group(1)):
+        partial.unlink()
+        raise WeightImportError(f"{url}: sha256 {digest[:16]}... does not match the "
+                                f"name's {expected.group(1)}")
+    partial.rename(target)
+    return target
+
+
+def _download(url: str, partial: Path) -> str:
+    """Streams `url` into the file `partial` with a progress bar; returns its sha256 (hex)."""
     digest = hashlib.sha256()
     with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}") as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {partial.stem}") as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
-    expected = re.search(r"-([0-9a-f]{8,})\.[a-z.]+$", target.name)
-    if expected and not digest.hexdigest().startswith(expected.group(1)):
-        partial.unlink()
-        raise WeightImportError(f"{url}: sha256 {digest.hexdigest()[:16]}... does not match the "
-                                f"name's {expected.group(1)}")
-    partial.rename(target)
-    return target
+    return digest.hexdigest()

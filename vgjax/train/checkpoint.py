@@ -242,6 +242,7 @@ def _describe(error: BaseException) -> str:
 
 RUN_CONFIG = "config.json"  # what experiment.run writes into every workdir
 CHECKPOINT_FOLDER = "checkpoints"
+RUN_CHECKPOINTS = ("best", "last")  # which checkpoint of a run read_run reads (model.resume_checkpoint)
 
 
 def run_folder(path: str | os.PathLike) -> Path | None:
@@ -265,8 +266,8 @@ def read_run(path: str | os.PathLike, which: str = "best") -> tuple[dict, dict, 
     if workdir is None:
         raise CheckpointError(f"{path} is not a vgjax training workdir (config.json beside "
                               f"{CHECKPOINT_FOLDER}/ with a committed checkpoint)")
-    if which not in ("best", "last"):
-        raise ValueError(f"which checkpoint of {workdir}: 'best' or 'last', got {which!r}")
+    if which not in RUN_CHECKPOINTS:
+        raise ValueError(f"which checkpoint of {workdir}: one of {RUN_CHECKPOINTS}, got {which!r}")
     checkpoints = Checkpoints(workdir / CHECKPOINT_FOLDER)
     try:
         restored = checkpoints.restore(None, which)

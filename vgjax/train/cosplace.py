@@ -90,19 +90,6 @@ def load_folder(folder: str, positive_dist_m: float, queries_folder: str = "quer
     return load_split(folder.parent, folder.name, positive_dist_m, queries_folder=queries_folder)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """The CosPlace options, checked before any work."""
-    unsupported = [key for key in UNSUPPORTED if config.train[key]]
-    if unsupported:
-        raise ValueError(f"CosPlace training does not use train.{', train.'.join(unsupported)} (the "
-                         "triplet recipe's augmentations); unset them")
-    for key in ("train_folder", "val_folder", "test_folder"):
-        if not config.cosplace[key]:
-            raise ValueError(f"CosPlace training needs cosplace.{key}")
-    if config.cosplace.iterations_per_epoch < 1:
-        raise ValueError(f"cosplace.iterations_per_epoch must be >= 1, got {config.cosplace.iterations_per_epoch}")
-
-
 class CosPlace(Method):
     """CosFace classification over groups of geographic classes, one group per epoch."""
 
@@ -135,10 +122,9 @@ class CosPlace(Method):
     def netvlad_init_paths(self) -> list[str]:
         return [str(self.train_folder / path) for path in self.partition.paths]
 
-    def test_split(self) -> tuple[Split, str]:
+    def test_split(self) -> Split:
         cfg = self.config.cosplace
-        split = load_folder(cfg.test_folder, self.config.data.val_positive_dist_threshold, cfg.test_queries_folder)
-        return split, "hard_resize"
+        return load_folder(cfg.test_folder, self.config.data.val_positive_dist_threshold, cfg.test_queries_folder)
 
     def setup(self, run: Run) -> None:
         self.run = run

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vgjax import embed, evaluate, profiling, sharding, visualize
+from vgjax import embed, eval_run, evaluate, profiling, sharding
 from vgjax.data.vg_folder import Split
 from vgjax.metrics import MetricWriter
 from vgjax.models import geoloc_net, netvlad_init, pretrained
@@ -82,8 +82,8 @@ class Method:
     # Data and description.
     val_split: Split
 
-    def test_split(self) -> tuple[Split, str]:
-        """(the test split, its test method)."""
+    def test_split(self) -> Split:
+        """The test split of the final test (tested as config.eval says, vgjax.eval_run)."""
         raise NotImplementedError
 
     def describe(self) -> list[str]:
@@ -146,18 +146,6 @@ def best_metric_n(config: ml_collections.ConfigDict) -> int:
     return int(match.group(1))
 
 
-def check_train_config(config: ml_collections.ConfigDict) -> None:
-    """Checks the options every method shares, before any work."""
-    train = config.train
-    best_metric_n(config)
-    for key in ("epochs_num", "train_batch_size", "log_every_steps", "keep_checkpoints"):
-        if train[key] < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {train[key]}")
-    for key in ("patience", "checkpoint_every_steps", "profile_steps"):
-        if train[key] < 0:
-            raise ValueError(f"train.{key} must be >= 0, got {train[key]}")
-
-
 class Run:
     """One training run: the method, network, state, checkpoints and writers."""
 
@@ -196,9 +184,11 @@ class Run:
         """uint8 images -> descriptors with the current params."""
         return self.embed(self.state.variables(), images)
 
-    def evaluate(self, split: Split, test_method: str = "hard_resize") -> evaluate.EvaluationResult:
+    def validate(self, split: Split) -> evaluate.EvaluationResult:
+        """Recalls on `split` with the current params: hard_resize, flat index, no PCA (as the
+        benchmark validates)."""
         config = self.config
-        return evaluate.evaluate(self.embed_fn, split, test_method=test_method, resize=self.image_size,
+        return evaluate.evaluate(self.embed_fn, split, resize=self.image_size,
                                  recall_values=tuple(config.eval.recall_values),
                                  batch_size=config.data.infer_batch_size,
                                  majority_weight=config.eval.majority_weight,
@@ -326,7 +316,7 @@ def _log_losses(run: Run, progress: Progress, losses: list[float], bar) -> None:
 def _validate(run: Run, progress: Progress, seconds: float) -> bool:
     """Validates, saves (best when improved), updates patience; returns True to stop early."""
     config, n = run.config, best_metric_n(run.config)
-    result = run.evaluate(run.method.val_split)
+    result = run.validate(run.method.val_split)
     value = result.recalls[n]
     improved = value > progress.best
     if improved:
@@ -386,8 +376,8 @@ def _banner(run: Run, config_diff: list[str]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, method: Method, *,
                        config_diff: list[str] = ()) -> dict:
     """Trains with `method` (resuming from workdir's checkpoints), validating every epoch, then
-    tests the best checkpoint; returns what goes into results.json."""
-    check_train_config(config)
+    tests the best checkpoint; returns what goes into results.json. The caller has checked
+    `config` (vgjax.configs.validate, as experiment.run does)."""
     start = time.perf_counter()
     run = Run(config, workdir, method)
     try:
@@ -428,27 +418,28 @@ def _pictures(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _test_best(run: Run, progress: Progress) -> dict:
-    """Restores the best checkpoint and tests it; returns the results."""
+    """Restores the best checkpoint and tests it on the method's test split as config.eval says
+    (vgjax.eval_run, the code of --mode eval: every test method, PCA, index; pictures and
+    descriptors under the workdir); returns the results, the first test method's on top."""
     config = run.config
     run.restore("best")
-    split, test_method = run.method.test_split()
-    result = run.evaluate(split, test_method)
-    print(f"Recalls on test set {split.folder} ({test_method}): {result}", flush=True)
-    test = {f"R@{n}": r for n, r in result.recalls.items()}
-    run.metrics.write(progress.step, {"test": test})
+    split = run.method.test_split()
+    tests = eval_run.evaluate_split(config, run.embed_fn, split, run.workdir,
+                                    pca=eval_run.fit_pca(config, run.embed_fn), title="trained")
+    (test_method, first), *others = tests.items()
+    run.metrics.write(progress.step, {"test": first["recalls"],
+                                      **{f"test_{method}": entry["recalls"] for method, entry in others}})
     if config.eval.num_preds_to_save > 0:
-        folder = visualize.save_evaluation_pictures(run.workdir / "predictions", split, result.predictions,
-                                                    result.recalls, config.eval, title="trained")
-        run.metrics.write_images(progress.step, _pictures(folder))
+        run.metrics.write_images(progress.step, _pictures(run.workdir / "predictions"))
     images = np.zeros((1, *run.image_size, 3), np.uint8)
     rates = progress.train_images_per_second
     return {"method": run.method.name, "val_history": progress.history, "best_metric": config.train.best_metric,
             "best_val_recall": progress.best, "best_epoch": progress.best_epoch,
-            "test": test, "test_method": test_method, "descriptor_dim": result.descriptor_dim,
+            "test": first["recalls"], "test_method": test_method, "descriptor_dim": first["descriptor_dim"],
             "steps": progress.step,
             "params_total": profiling.count_params(run.state.params),
             "params_trainable": profiling.count_params(run.state.trainable),
             "gflops_per_image": profiling.xla_flops(run.embed.jitted, run.state.variables(), images) / 1e9,
             "train_images_per_second": float(np.median(rates)) if rates else None,
-            "extraction_images_per_second": result.timings["extraction_images_per_second"],
-            "test_timings": result.timings, **run.method.results()}
+            "extraction_images_per_second": first["timings"]["extraction_images_per_second"],
+            "test_timings": first["timings"], "tests": tests, **run.method.results()}

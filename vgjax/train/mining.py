@@ -103,6 +103,9 @@ def training_queries(split: Split, hard_dist_m: float = 10.0) -> tuple[TrainingQ
     Returns:
       (queries, num_dropped): num_dropped is the number of queries without any hard positive,
       which the benchmark removes (and logs).
+
+    Raises:
+      ValueError: naming the split folder, when no query has a hard positive.
     """
     if not 0 <= hard_dist_m <= split.positive_dist_m:
         raise ValueError(
@@ -110,6 +113,11 @@ def training_queries(split: Split, hard_dist_m: float = 10.0) -> tuple[TrainingQ
             f"positives are a subset of the soft positives), got {hard_dist_m}")
     hard = split.positives_within(hard_dist_m)
     keep = np.flatnonzero(hard.counts() > 0).astype(np.int64)
+    if len(keep) == 0:
+        raise ValueError(
+            f"{split.folder}: none of the {split.num_queries} training queries has a database image "
+            f"within {hard_dist_m:g} m (data.train_positives_dist_threshold); check the east/north "
+            "coordinates in the file names")
     queries = TrainingQueries(
         query_indices=keep,
         hard_positives=_select_rows(hard, keep),

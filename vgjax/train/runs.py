@@ -12,8 +12,7 @@ from vgjax.configs import common
 from vgjax.models import geoloc_net, pretrained
 from vgjax.train import checkpoint
 
-# The model keys that change the network's parameters (not how it is trained or run).
-ARCHITECTURE_KEYS = ("backbone", "aggregation", "l2", "netvlad_clusters", "fc_output_dim", "trunc_te")
+ARCHITECTURE_KEYS = geoloc_net.ARCHITECTURE_KEYS  # the model keys that change the parameters
 
 
 def architecture_differences(model_config: ml_collections.ConfigDict, saved_model: dict, *,

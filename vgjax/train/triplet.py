@@ -83,18 +83,6 @@ def loops_per_epoch(mining_config) -> int:
     return math.ceil(mining_config.queries_per_epoch / mining_config.cache_refresh_rate)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """The triplet options, checked before any work."""
-    if config.mining.mining not in mining.METHODS:
-        raise ValueError(f"unknown mining.mining {config.mining.mining!r}; choose one of {mining.METHODS}")
-    if config.train.criterion not in losses.LOSSES:
-        raise ValueError(f"unknown train.criterion {config.train.criterion!r}; choose one of {tuple(losses.LOSSES)}")
-    if config.mining.cache_refresh_rate < config.train.train_batch_size:
-        raise ValueError(f"mining.cache_refresh_rate={config.mining.cache_refresh_rate} is smaller than "
-                         f"train.train_batch_size={config.train.train_batch_size}: a round would have no batch")
-    augment.AugmentConfig.from_config(config.train)
-
-
 def packed_train_folder(config: ml_collections.ConfigDict) -> Path | None:
     """Where data.packed_folder keeps the train split packed at data.resize, or None."""
     if not config.data.packed_folder:
@@ -153,9 +141,8 @@ class Triplet(Method):
     def netvlad_init_paths(self) -> list[str]:
         return self.train_split.database_paths + self.train_split.query_paths
 
-    def test_split(self) -> tuple[Split, str]:
-        split = load_split(self.dataset_dir, "test", self.config.data.val_positive_dist_threshold)
-        return split, self.config.eval.test_method
+    def test_split(self) -> Split:
+        return load_split(self.dataset_dir, "test", self.config.data.val_positive_dist_threshold)
 
     def setup(self, run: Run) -> None:
         config = self.config

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgjax.models.convert import StateDictReader, conv
+from vgjax.models.convert import StateDictReader, conv, torch_conv
 
 # (name, torch features index, in, out, kernel, stride, padding, max-pool 3x3/2 before it)
 _CONVS = (
@@ -61,6 +61,15 @@ def import_torch(reader: StateDictReader, prefix: str, dtype: Any = jnp.float32,
         params[name] = {k: jnp.asarray(v, param_dtype) for k, v in weights.items()}
     reader.ignore(re.escape(prefix) + r"classifier\.\d+\.(weight|bias)")
     return {"params": params}
+
+
+def export_torch(variables: dict, prefix: str, **fields) -> dict:
+    """The inverse of `import_torch`: {"params"} of `AlexNet` -> float32 tensors
+    `prefix + "features.<i>.{weight,bias}"` (weight [O, I, kh, kw]). The module's fields are
+    accepted so that they can be passed as they are."""
+    del fields
+    return {key: value for name, index, *_ in _CONVS
+            for key, value in torch_conv(variables["params"][name], f"{prefix}features.{index}").items()}
 
 
 def trainable_mask(params: dict, **config) -> dict:

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgjax.models.backbones.vit import cast_params, ignore_blocks, kept_depth, stack_trainable_mask
-from vgjax.models.convert import StateDictReader, conv, dense, layer_norm
+from vgjax.models.convert import (StateDictReader, conv, dense, layer_norm, torch_conv, torch_dense,
+                                  torch_layer_norm)
 
 IMAGE_SIZE = 384
 TOKENIZER_CHANNELS = (64, 384)
@@ -181,6 +182,34 @@ def _import_block(reader: StateDictReader, block: str) -> dict:
         "linear1": dense(reader, f"{block}linear1", WIDTH, MLP_DIM),
         "norm1": layer_norm(reader, f"{block}norm1", WIDTH),
         "linear2": dense(reader, f"{block}linear2", MLP_DIM, WIDTH),
+    }
+
+
+def export_torch(variables: dict, prefix: str, trunc_te: int | None = None, **fields) -> dict:
+    """The inverse of `import_torch`: {"params"} of `CCT` -> float32 tensors under the
+    benchmark's keys (`prefix + "tokenizer.conv_layers.{0,1}.0.weight"`, `"classifier.*"` with the
+    kept blocks only; no `classifier.fc`, which the benchmark's CCT does not have). The module's
+    other fields are accepted so that they can be passed as they are."""
+    del fields
+    params, classifier = variables["params"], f"{prefix}classifier."
+    state = {key: value for index in range(len(TOKENIZER_CHANNELS)) for key, value in
+             torch_conv(params[f"tokenizer_{index}"], f"{prefix}tokenizer.conv_layers.{index}.0").items()}
+    state[f"{classifier}positional_emb"] = np.asarray(params["positional_emb"], np.float32)
+    state.update(torch_dense(params["attention_pool"], f"{classifier}attention_pool"))
+    for index in range(kept_depth(trunc_te, DEPTH)):
+        state.update(_export_block(params[f"blocks_{index}"], f"{classifier}blocks.{index}."))
+    state.update(torch_layer_norm(params["norm"], f"{classifier}norm"))
+    return state
+
+
+def _export_block(params: dict, block: str) -> dict:
+    return {
+        **torch_layer_norm(params["pre_norm"], f"{block}pre_norm"),
+        **torch_dense(params["qkv"], f"{block}self_attn.qkv"),
+        **torch_dense(params["proj"], f"{block}self_attn.proj"),
+        **torch_dense(params["linear1"], f"{block}linear1"),
+        **torch_layer_norm(params["norm1"], f"{block}norm1"),
+        **torch_dense(params["linear2"], f"{block}linear2"),
     }
 
 

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgjax.models.convert import StateDictReader, batch_norm, conv_kernel
+from vgjax.models.convert import StateDictReader, batch_norm, conv_kernel, torch_batch_norm, torch_conv
 
 _STAGE_BLOCKS = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 _WIDTHS = (64, 128, 256, 512)
@@ -187,6 +187,29 @@ def import_torch(reader: StateDictReader, prefix: str, depth: int, last_stage: i
     if last_stage == 4:
         reader.ignore(re.escape(prefix) + r"layer4\..+")
     return {"params": params, "batch_stats": stats}
+
+
+def export_torch(variables: dict, prefix: str, depth: int, last_stage: int, **fields) -> dict:
+    """The inverse of `import_torch`: {"params", "batch_stats"} of `ResNet(depth, last_stage)` ->
+    float32 tensors under torchvision keys (`prefix + "conv1.weight"` [O, I, kh, kw], `"bn1.*"`
+    with num_batches_tracked, `"layer{s}.{i}.*"`), the kept stages only, no fc. The module's
+    other fields are accepted so that they can be passed as they are."""
+    del fields
+    params, stats = variables["params"], variables["batch_stats"]
+    state = {**torch_conv(params["conv1"], f"{prefix}conv1"),
+             **torch_batch_norm(params["bn1"], stats["bn1"], f"{prefix}bn1")}
+    for stage, index, _, width, stride in _blocks(depth, last_stage):
+        torch_name, block = f"{prefix}layer{stage}.{index}", f"layer{stage}_{index}"
+        block_params, block_stats = params[block], stats[block]
+        for j in range(1, len(_conv_specs(depth, width, stride)) + 1):
+            state.update(torch_conv(block_params[f"conv{j}"], f"{torch_name}.conv{j}"))
+            state.update(torch_batch_norm(block_params[f"bn{j}"], block_stats[f"bn{j}"],
+                                          f"{torch_name}.bn{j}"))
+        if "downsample_conv" in block_params:
+            state.update(torch_conv(block_params["downsample_conv"], f"{torch_name}.downsample.0"))
+            state.update(torch_batch_norm(block_params["downsample_bn"], block_stats["downsample_bn"],
+                                          f"{torch_name}.downsample.1"))
+    return state
 
 
 def trainable_mask(params: dict, **config) -> dict:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgjax.models.convert import StateDictReader, conv
+from vgjax.models.convert import StateDictReader, conv, torch_conv
 
 _BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 # The benchmark freezes `layers[:-5]` (conv1_1 ... pool4); the conv5 block is trained.
@@ -68,6 +68,15 @@ def import_torch(reader: StateDictReader, prefix: str, dtype: Any = jnp.float32,
         params[name] = {k: jnp.asarray(v, param_dtype) for k, v in weights.items()}
     reader.ignore(re.escape(prefix) + r"classifier\.\d+\.(weight|bias)")
     return {"params": params}
+
+
+def export_torch(variables: dict, prefix: str, **fields) -> dict:
+    """The inverse of `import_torch`: {"params"} of `VGG16` -> float32 tensors
+    `prefix + "features.<i>.{weight,bias}"` (weight [O, I, 3, 3]). The module's fields are
+    accepted so that they can be passed as they are."""
+    del fields
+    return {key: value for name, index, *_ in _convs()
+            for key, value in torch_conv(variables["params"][name], f"{prefix}features.{index}").items()}
 
 
 def trainable_mask(params: dict, **config) -> dict:

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgjax.models.convert import StateDictReader, conv, dense, layer_norm
+from vgjax.models.convert import (StateDictReader, conv, dense, layer_norm, torch_conv, torch_dense,
+                                  torch_layer_norm)
 
 PATCH = 16
 WIDTH = 768
@@ -212,6 +213,38 @@ def _import_layer(reader: StateDictReader, layer: str) -> dict:
         output=dense(reader, f"{layer}output.dense", MLP_DIM, WIDTH),
     )
     return params
+
+
+def export_torch(variables: dict, prefix: str, trunc_te: int | None = None, **fields) -> dict:
+    """The inverse of `import_torch`: {"params"} of `ViT` -> float32 tensors under HF ViTModel
+    keys (`prefix + "embeddings.*"`, `"encoder.layer.{i}.*"` for the kept layers, `"layernorm.*"`)
+    plus `"pooler.dense.{weight,bias}"` as zeros: HF's ViTModel holds a pooler that the benchmark
+    never uses and vgjax does not create. The module's other fields are accepted so that they can
+    be passed as they are."""
+    del fields
+    params = variables["params"]
+    state = {f"{prefix}embeddings.cls_token": np.asarray(params["cls_token"], np.float32),
+             f"{prefix}embeddings.position_embeddings": np.asarray(params["position_embeddings"], np.float32),
+             **torch_conv(params["patch_embeddings"], f"{prefix}embeddings.patch_embeddings.projection")}
+    for index in range(kept_depth(trunc_te, DEPTH)):
+        state.update(_export_layer(params[f"layer_{index}"], f"{prefix}encoder.layer.{index}."))
+    state.update(torch_layer_norm(params["layernorm"], f"{prefix}layernorm"))
+    state.update(torch_dense({"kernel": np.zeros((WIDTH, WIDTH)), "bias": np.zeros(WIDTH)},
+                             f"{prefix}pooler.dense"))
+    return state
+
+
+def _export_layer(params: dict, layer: str) -> dict:
+    attention = f"{layer}attention.attention."
+    return {
+        **torch_layer_norm(params["layernorm_before"], f"{layer}layernorm_before"),
+        **{key: value for name in ("query", "key", "value")
+           for key, value in torch_dense(params[name], f"{attention}{name}").items()},
+        **torch_dense(params["attention_output"], f"{layer}attention.output.dense"),
+        **torch_layer_norm(params["layernorm_after"], f"{layer}layernorm_after"),
+        **torch_dense(params["intermediate"], f"{layer}intermediate.dense"),
+        **torch_dense(params["output"], f"{layer}output.dense"),
+    }
 
 
 def trainable_mask(params: dict, freeze_te: int | None = None) -> dict:

@@ -1,0 +1,307 @@
+"""Checks a config before any work: `check` raises a ConfigError listing every problem, one line
+each (the key, the bad value, what is allowed), before a dataset is read, a network built or a
+file written. `vgjax.experiment.run` calls it first; launch.py calls it before opening its log and
+prints each problem as one line (exit status 2).
+
+The allowed values come from the modules that use them (the backbone registry, evaluate's test
+methods, the index kinds, the mining methods, losses, optimizers, pretrained weights, ...), and
+the rules with a runtime use stay there too (`loop.best_metric_n`, `AugmentConfig`, NetVLAD's
+`check_positions`, `index.check_params`): this module lists no value of its own.
+
+A rule applies only where the mode reads the option: training options are checked in the
+training modes (train, train_cosplace, demo), eval options wherever a split is evaluated.
+`--mode eval` and `--mode export` with neither model.resume nor a training run in the workdir
+refuse model.pretrain=none (random weights are never evaluated or exported silently);
+model.pretrain=random asks for them on purpose.
+
+`ignored_options` names the command-line overrides the mode does not read. launch.py prints them
+as one warning line, not an error: one set of options shared by a training and an evaluation
+command is a legitimate use.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vgjax import baselines
+from vgjax import eval_run, evaluate
+from vgjax import index as index_lib
+from vgjax.data import augment, synthetic
+from vgjax.models import geoloc_net, netvlad_init, pretrained, registry
+from vgjax.train import checkpoint, cosplace, loop, losses, mining, state
+
+TRAINING_MODES = ("train", "train_cosplace", "demo")
+TRIPLET_MODES = ("train", "demo")
+EVALUATING_MODES = ("eval",) + TRAINING_MODES  # the modes that test on a split
+
+# The options each mode does not read (a section ends with "."); train.distributed is read by all.
+_TRAINING_ONLY = ("train.", "mining.", "cosplace.", "data.packed_folder",
+                  "data.train_positives_dist_threshold", "model.freeze_te", "model.frozen_bn")
+_IGNORED = {
+    "eval": _TRAINING_ONLY,
+    "profile": ("train.", "mining.", "cosplace.", "eval."),
+    "export": ("train.", "mining.", "cosplace.", "eval."),
+    "pack": ("model.", "train.", "mining.", "cosplace.", "eval."),
+    "train": ("cosplace.", "eval.datasets"),
+    "train_cosplace": ("mining.", "train.criterion", "train.margin", "eval.datasets"),
+    "demo": ("cosplace.", "eval.datasets"),
+}
+_READ_BY_EVERY_MODE = ("train.distributed",)
+
+
+class ConfigError(ValueError):
+    """Problems of a config, one line each; `problems` holds the lines."""
+
+    def __init__(self, problems: Sequence[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def check(config: ml_collections.ConfigDict, mode: str, workdir: str | os.PathLike | None) -> None:
+    """Raises ConfigError listing every problem of `config` for `mode` (a vgjax.experiment mode)
+    in `workdir`; reads no dataset and writes nothing."""
+    problems = [*_check_workdir(workdir, mode), *_check_data(config, mode), *_check_model(config)]
+    if mode in EVALUATING_MODES:
+        problems += _check_eval(config)
+    if mode in TRAINING_MODES:
+        problems += _check_training(config)
+    if mode in TRIPLET_MODES:
+        problems += _check_mining(config)
+    if mode == "train_cosplace":
+        problems += _check_cosplace(config)
+    if mode in (*EVALUATING_MODES, "export") and not problems:
+        problems += _check_weights(config, mode, workdir)
+    if mode in TRAINING_MODES and not problems:
+        problems += _check_netvlad_init_size(config)
+    if problems:
+        raise ConfigError(problems)
+
+
+def ignored_options(mode: str, keys: Iterable[str]) -> list[str]:
+    """The keys (e.g. "train.lr") among `keys` that `mode` does not read."""
+    ignored = _IGNORED.get(mode, ())
+    return [key for key in keys if key not in _READ_BY_EVERY_MODE
+            and any(key == name or (name.endswith(".") and key.startswith(name)) for name in ignored)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic rules: each returns a list of problem lines (empty when the value is fine).
+
+
+def _value(config: ml_collections.ConfigDict, key: str):
+    return functools.reduce(lambda section, name: section[name], key.split("."), config)
+
+
+def _one_of(config, key: str, allowed: Iterable) -> list[str]:
+    value = _value(config, key)
+    if value in allowed:
+        return []
+    return [f"{key}={value!r}: choose one of {', '.join(map(str, allowed))}"]
+
+
+def _number(value, low: float, *, integer: bool) -> bool:
+    kinds = numbers.Integral if integer else numbers.Real
+    return isinstance(value, kinds) and not isinstance(value, bool) and value >= low
+
+
+def _at_least(config, keys: Iterable[str], low: float, *, integer: bool = True,
+              optional: bool = False) -> list[str]:
+    """`keys` hold numbers >= low (integers unless told; None allowed with `optional`)."""
+    kind = "an integer" if integer else "a number"
+    return [f"{key}={value!r}: must be {kind} >= {low}" + (" (or None)" if optional else "")
+            for key in keys
+            for value in [_value(config, key)]
+            if not (optional and value is None) and not _number(value, low, integer=integer)]
+
+
+def _check_workdir(workdir, mode: str) -> list[str]:
+    if mode == "print_config" or (workdir is not None and str(workdir).strip()):
+        return []
+    if workdir is None:
+        return ["--workdir: required (the folder for config.json, results and checkpoints)"]
+    return [f"--workdir={str(workdir)!r}: name a folder (an empty name would write into the current folder)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections.
+
+
+def _check_data(config, mode: str) -> list[str]:
+    problems = [*_image_size(config.data.resize),
+                *_at_least(config, ("data.infer_batch_size", "data.synthetic_frames"), 1),
+                *_at_least(config, ("data.val_positive_dist_threshold",), 0, integer=False),
+                *_synthetic(config.data.synthetic)]
+    if mode == "pack" and not config.data.packed_folder:
+        problems.append("data.packed_folder='': --mode pack needs the folder to pack into")
+    return problems
+
+
+def _synthetic(kind: str) -> list[str]:
+    if not kind or kind in synthetic.KINDS:
+        return []
+    return [f"data.synthetic={kind!r}: choose one of {', '.join(synthetic.KINDS)} (or '' for a dataset on disk)"]
+
+
+def _image_size(resize) -> list[str]:
+    if (isinstance(resize, Sequence) and len(resize) == 2
+            and all(_number(side, 1, integer=True) for side in resize)):
+        return []
+    return [f"data.resize={resize!r}: must be two positive integers (height, width), e.g. (480, 640)"]
+
+
+def _check_model(config) -> list[str]:
+    """The network's options; a baseline backbone has none."""
+    backbones = (*registry.BACKBONES, *baselines.NAMES)
+    if config.model.backbone in baselines.NAMES or config.model.backbone not in backbones:
+        return _one_of(config, "model.backbone", backbones)
+    problems = [*_model_rule(geoloc_net.check_model_config, config.model),
+                *_at_least(config, ("model.netvlad_clusters",), 1),
+                *_at_least(config, ("model.fc_output_dim",), 1, optional=True),
+                *_at_least(config, ("model.trunc_te", "model.freeze_te"), 0, optional=True),
+                *_one_of(config, "model.resume_format", pretrained.RESUME_FORMATS),
+                *_one_of(config, "model.resume_checkpoint", checkpoint.RUN_CHECKPOINTS)]
+    if not _image_size(config.data.resize):
+        problems += [f"data.resize={tuple(config.data.resize)!r}: {line}" for line in
+                     _model_rule(geoloc_net.check_image_size, config.model.backbone, tuple(config.data.resize))]
+    if config.model.resume and not Path(config.model.resume).exists():
+        problems.append(f"model.resume={config.model.resume!r}: no such file or folder")
+    return problems
+
+
+def _model_rule(rule, *args) -> list[str]:
+    """A rule of the model code that raises at its first problem, as a problem list."""
+    try:
+        rule(*args)
+    except (ValueError, FileNotFoundError) as error:
+        return [str(error)]
+    return []
+
+
+def _check_eval(config) -> list[str]:
+    problems = [*_test_methods(config.eval), *_recall_values(config.eval.recall_values),
+                *_one_of(config, "eval.index", index_lib.INDEX_KINDS),
+                *_at_least(config, ("eval.pca_dim",), 1, optional=True),
+                *_at_least(config, ("eval.num_preds_to_save",), 0)]
+    if config.eval.index in index_lib.INDEX_KINDS:
+        problems += _index_params(config.eval.index, config.eval.index_params)
+    if config.eval.pca_dim is not None and not config.eval.pca_dataset_folder:
+        problems.append(f"eval.pca_dim={config.eval.pca_dim}: pca_dim needs config.eval.pca_dataset_folder "
+                        "(relative to the datasets folder, e.g. pitts30k/images/train)")
+    return problems
+
+
+def _test_methods(eval_config) -> list[str]:
+    """One test method, several separated by commas, or "all" (as eval_run reads them)."""
+    methods = eval_run.test_methods(eval_config)
+    if methods and all(method in evaluate.TEST_METHODS for method in methods):
+        return []
+    return [f"eval.test_method={eval_config.test_method!r}: choose from {', '.join(evaluate.TEST_METHODS)} "
+            "(one, several separated by commas, or all)"]
+
+
+def _recall_values(values) -> list[str]:
+    if (isinstance(values, Sequence) and values and all(_number(n, 1, integer=True) for n in values)
+            and list(values) == sorted(set(values))):
+        return []
+    return [f"eval.recall_values={values!r}: must be positive integers in increasing order, e.g. (1, 5, 10, 20)"]
+
+
+def _index_params(kind: str, text: str) -> list[str]:
+    try:
+        index_lib.check_params(kind, index_lib.parse_params(text))
+    except ValueError as error:
+        return [f"eval.index_params={text!r}: {error}"]
+    return []
+
+
+def _check_training(config) -> list[str]:
+    """The options every training method reads."""
+    problems = [*_at_least(config, ("train.epochs_num", "train.train_batch_size", "train.log_every_steps",
+                                    "train.keep_checkpoints"), 1),
+                *_at_least(config, ("train.patience", "train.checkpoint_every_steps", "train.profile_steps"), 0),
+                *_at_least(config, ("train.lr", "train.lr_crn_layer", "train.lr_crn_net"), 0, integer=False),
+                *_at_least(config, ("data.train_positives_dist_threshold",), 0, integer=False),
+                *_one_of(config, "train.optim", state.OPTIMIZERS),
+                *_model_rule(loop.best_metric_n, config)]
+    try:
+        augment.AugmentConfig.from_config(config.train)
+    except (ValueError, TypeError) as error:
+        problems.append(f"train.{error}")
+    return problems
+
+
+def _check_mining(config) -> list[str]:
+    """The triplet recipe's options: mining rounds, tuples and loss."""
+    problems = [*_one_of(config, "mining.mining", mining.METHODS),
+                *_one_of(config, "train.criterion", tuple(losses.LOSSES)),
+                *_at_least(config, ("mining.queries_per_epoch", "mining.cache_refresh_rate",
+                                    "mining.negs_num_per_query", "mining.neg_samples_num"), 1)]
+    rate, batch = config.mining.cache_refresh_rate, config.train.train_batch_size
+    if not problems and _number(batch, 1, integer=True) and rate < batch:
+        problems.append(f"mining.cache_refresh_rate={rate}: smaller than train.train_batch_size={batch}, "
+                        "so a mining round would have no batch")
+    return problems
+
+
+def _check_cosplace(config) -> list[str]:
+    problems = [f"train.{key}={config.train[key]!r}: CosPlace training does not use the triplet recipe's "
+                "augmentations; unset it" for key in cosplace.UNSUPPORTED if config.train[key]]
+    problems += [f"cosplace.{key}='': CosPlace training needs it"
+                 for key in ("train_folder", "val_folder", "test_folder") if not config.cosplace[key]]
+    return problems + [*_at_least(config, ("cosplace.iterations_per_epoch",), 1),
+                       *_at_least(config, ("cosplace.classifiers_lr",), 0, integer=False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules that look at the weights and the network.
+
+
+def _check_weights(config, mode: str, workdir) -> list[str]:
+    """Where the weights come from: model.resume, else a training run in the workdir (evaluated,
+    or resumed by training), else model.pretrain, checked here as it will be read. --mode eval
+    refuses model.pretrain=none: random weights are evaluated only on purpose (random)."""
+    model = config.model
+    if model.backbone in baselines.NAMES or model.resume or checkpoint.run_folder(workdir) is not None:
+        return []
+    if mode in ("eval", "export") and model.pretrain != "random" and model.pretrain in pretrained.RANDOM_INIT:
+        return [f"model.pretrain={model.pretrain!r}: --mode {mode} with no model.resume and no training run in "
+                f"--workdir would {mode} RANDOM weights; give model.resume (a weights file or a vgjax "
+                "workdir) or model.pretrain (imagenet, places365 or a weights file), or "
+                f"model.pretrain=random to {mode} random weights on purpose"]
+    return _model_rule(pretrained.check_pretrain, model)
+
+
+def _check_netvlad_init_size(config) -> list[str]:
+    """Training a new NetVLAD/CRN layer initialises it by k-means over local features of images
+    at data.resize (vgjax.models.netvlad_init): the backbone must give enough positions."""
+    model = config.model
+    if model.aggregation not in ("netvlad", "crn") or model.resume:
+        return []
+    size = tuple(config.data.resize)
+    try:
+        netvlad_init.check_positions(_backbone_positions(model, size))
+    except ValueError as error:
+        return [f"data.resize={size!r}: too small for NetVLAD's k-means initialisation after {model.backbone}: "
+                f"{error}; use a larger data.resize or start from model.resume"]
+    return []
+
+
+def _backbone_positions(model_config, image_size: tuple[int, int]) -> int:
+    """Map cells (h * w) or tokens T of the backbone's output at `image_size`, from shapes only
+    (nothing is computed)."""
+    network = geoloc_net.build(model_config, image_size)
+    images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+    features = jax.eval_shape(lambda x: network.init_with_output(
+        jax.random.key(0), x, method=geoloc_net.GeoLocalizationNet.backbone_features)[0], images)
+    positions = 1
+    for side in features.shape[1:-1]:
+        positions *= side
+    return positions

@@ -1,0 +1,114 @@
+"""Evaluation as config.eval asks for it: the ONE mechanism behind `--mode eval`
+(vgjax.experiment.run_eval) and the test at the end of training (vgjax.train.loop).
+
+A network, given as an embed function, is tested on a split with every test method of
+eval.test_method (one, a comma-separated list, or "all"), with eval.pca_dim (PCA fitted on
+eval.pca_dataset_folder) and eval.index / eval.index_params. The split's database is embedded
+once and reused by every test method. On request each method's pictures
+(eval.num_preds_to_save) and descriptors (eval.save_descriptors) are written to
+<out_dir>/predictions/<method> and <out_dir>/descriptors/<method>.
+
+Also here: the datasets folder and the names eval.datasets gives (the datasets --mode eval
+tests), and the file-name suffix of PCA and index options.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ml_collections
+
+from vgjax import evaluate, visualize
+from vgjax import index as index_lib
+from vgjax.data.vg_folder import Split
+
+
+def datasets_root(data_config: ml_collections.ConfigDict) -> Path:
+    """config.data.datasets_folder, else $DATASETS_FOLDER (as the benchmark falls back)."""
+    root = data_config.datasets_folder or os.environ.get("DATASETS_FOLDER", "")
+    if not root:
+        raise ValueError("no datasets folder: set --config.data.datasets_folder=DIR or the "
+                         "DATASETS_FOLDER environment variable")
+    return Path(root)
+
+
+def test_methods(eval_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """eval.test_method as a tuple of test methods: "all" -> every one of the benchmark's,
+    "a, b" -> ("a", "b") (vgjax.configs.validate has checked the names)."""
+    text = eval_config.test_method.strip()
+    if text == "all":
+        return evaluate.TEST_METHODS
+    return tuple(dict.fromkeys(filter(None, (method.strip() for method in text.split(",")))))
+
+
+def dataset_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """eval.datasets (names under data.datasets_folder, in a sequence and/or comma-separated),
+    or (data.dataset_name,) when it is empty."""
+    names = [name.strip() for item in config.eval.datasets for name in str(item).split(",")]
+    return tuple(dict.fromkeys(filter(None, names))) or (config.data.dataset_name,)
+
+
+def options_suffix(eval_config: ml_collections.ConfigDict) -> str:
+    """"[_pca<d>][_<index>]": how results with PCA or another index than flat are told apart."""
+    suffix = f"_pca{eval_config.pca_dim}" if eval_config.pca_dim is not None else ""
+    return suffix + (f"_{eval_config.index}" if eval_config.index != "flat" else "")
+
+
+def fit_pca(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn) -> evaluate.PCA | None:
+    """PCA to eval.pca_dim fitted on eval.pca_dataset_folder's images, or None without pca_dim."""
+    if config.eval.pca_dim is None:
+        return None
+    if not config.eval.pca_dataset_folder:
+        raise ValueError("config.eval.pca_dim needs config.eval.pca_dataset_folder "
+                         "(relative to the datasets folder, e.g. pitts30k/images/train)")
+    folder = datasets_root(config.data) / config.eval.pca_dataset_folder
+    return evaluate.fit_pca_on_folder(
+        embed_fn, folder, config.eval.pca_dim, resize=tuple(config.data.resize),
+        batch_size=config.data.infer_batch_size, seed=config.seed)
+
+
+def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn, split: Split,
+                   out_dir: Path, *, pca: evaluate.PCA | None = None, title: str = "") -> dict[str, dict]:
+    """Tests `embed_fn` on `split` with every test method of eval.test_method.
+
+    Args:
+      embed_fn: uint8 [B, H, W, 3] -> float [B, D].
+      split: from vgjax.data.vg_folder.load_split.
+      out_dir: pictures go to out_dir/predictions/<method>, descriptors to
+        out_dir/descriptors/<method> (only when config.eval asks for them).
+      pca: from `fit_pca`, applied to database and queries; None for none.
+      title: a prefix of the pictures' titles (e.g. "trained").
+
+    Returns:
+      {test method: {"recalls": {"R@N": percent}, "descriptor_dim": int, "index": str,
+      "timings": {...}}}, in eval.test_method's order.
+    """
+    results, database = {}, None
+    for method in test_methods(config.eval):
+        result = evaluate.evaluate(
+            embed_fn, split, test_method=method, resize=tuple(config.data.resize),
+            recall_values=tuple(config.eval.recall_values), index_kind=config.eval.index,
+            index_params=index_lib.parse_params(config.eval.index_params),
+            batch_size=config.data.infer_batch_size, majority_weight=config.eval.majority_weight,
+            pca=pca, num_threads=config.data.num_workers, database_descriptors=database,
+            keep_descriptors=True)
+        database = result.database_descriptors
+        print(f"Recalls on {split.folder} ({method}): {result}", flush=True)
+        _save_outputs(config, split, result, out_dir, f"{title}, {method}" if title else method)
+        results[method] = {"recalls": {f"R@{n}": r for n, r in result.recalls.items()},
+                           "descriptor_dim": result.descriptor_dim, "index": result.index,
+                           "timings": result.timings}
+    return results
+
+
+def _save_outputs(config: ml_collections.ConfigDict, split: Split, result: evaluate.EvaluationResult,
+                  out_dir: Path, title: str) -> None:
+    """The pictures and descriptors config.eval asks for, of one test method's result."""
+    method = result.test_method
+    if config.eval.num_preds_to_save > 0:
+        visualize.save_evaluation_pictures(out_dir / "predictions" / method, split, result.predictions,
+                                           result.recalls, config.eval, title=title)
+    if config.eval.save_descriptors:
+        evaluate.export_descriptors(out_dir / "descriptors" / method, split, result.database_descriptors,
+                                    result.query_descriptors, test_method=method, pca_dim=config.eval.pca_dim)
