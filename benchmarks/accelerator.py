@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 
 from vgjax import embed, experiment, index as index_lib, profiling, sharding  # noqa: E402
 from vgjax.configs import common  # noqa: E402
-from vgjax.data import augment, synthetic  # noqa: E402
+from vgjax.data import augment, packed, pipeline, synthetic  # noqa: E402
 from vgjax.models import geoloc_net  # noqa: E402
 from vgjax.train import state as train_state, triplet  # noqa: E402
 
@@ -241,6 +241,8 @@ def training_rows(plan: Plan, args):
     render_dataset(config, plan)
     experiment.run(config, root / "pack", "pack")
     prepare_seconds = time.perf_counter() - tick
+    feed = pipeline_rate(config, plan.min_timed_seconds)
+    print(f"  the training loader alone: {feed:.1f} img/s with {config.data.num_workers} threads", flush=True)
     tick = time.perf_counter()
     results = experiment.run(config, root / f"run_{time.strftime('%H%M%S')}", "train")
     wall = time.perf_counter() - tick
@@ -251,7 +253,28 @@ def training_rows(plan: Plan, args):
            "loop_images_per_second": loop_rate, "step_alone_images_per_second": alone["images_per_second"],
            "idle_during_steps": max(0.0, 1 - loop_rate / alone["images_per_second"]),
            "steps_device_seconds": results["steps"] * alone["seconds_per_step"],
+           "pipeline_alone_images_per_second": feed, "loader_threads": config.data.num_workers,
            "test_recalls": results["test"]}
+
+
+def pipeline_rate(config, min_seconds: float) -> float:
+    """img/s of the training loader alone (no device): batches of the run's tuple shape read
+    from the packed train split with data.num_workers threads, as the loop reads them (the
+    first batch, which starts the threads, not counted)."""
+    split = packed.open_packed(triplet.packed_train_folder(config), tuple(config.data.resize))
+    paths = split.database_paths + split.query_paths
+    tuple_size = 2 + config.mining.negs_num_per_query
+    tuples = [[paths[(i * tuple_size + j) % len(paths)] for j in range(tuple_size)]
+              for i in range(max(len(paths), 64 * config.train.train_batch_size))]
+    batches = pipeline.triplet_batches(tuples, config.train.train_batch_size, tuple(config.data.resize),
+                                       num_threads=config.data.num_workers, loader=split.loader())
+    next(batches)  # starts the threads
+    tick, images = time.perf_counter(), 0
+    for batch in batches:
+        images += len(batch)
+        if time.perf_counter() - tick >= min_seconds and images >= 4 * len(batch):
+            break
+    return images / (time.perf_counter() - tick)
 
 
 def eval_rows(plan: Plan, args):
@@ -299,7 +322,8 @@ def format_row(section: str, row: dict) -> str:
     if section == "training":
         return (f"  {row['steps']} steps: loop {row['loop_images_per_second']:.1f} img/s, step alone "
                 f"{row['step_alone_images_per_second']:.1f} img/s -> device idle during steps "
-                f"{_percent(row['idle_during_steps'])}; whole train call {row['train_call_seconds']:.1f} s, of "
+                f"{_percent(row['idle_during_steps'])}; the loader alone {row['pipeline_alone_images_per_second']:.1f} "
+                f"img/s ({row['loader_threads']} threads); whole train call {row['train_call_seconds']:.1f} s, of "
                 f"which the steps' device time {row['steps_device_seconds']:.1f} s; render+pack "
                 f"{row['render_and_pack_seconds']:.1f} s")
     return (f"  {row['database_images']} images: extraction {row['extraction_seconds']:.1f} s "

@@ -3,6 +3,8 @@
   python benchmarks/pipeline.py            # 480x640 and 240x320 from 480x640 sources, 480x640 from 768x1024
   python benchmarks/pipeline.py --quick    # 480x640 and 120x160 from 480x640 sources: < 2 minutes
   python benchmarks/pipeline.py --workdir /data/bench  # keep the synthetic images (default: a temp dir)
+  python benchmarks/pipeline.py --per-core # 480x640 sources -> 480x640, 320x320, 120x160 on 1 thread:
+                                           # img/s per CPU core, for sizing a GPU machine's host
 
 Per source size, writes a synthetic split of photo-like JPEGs (aerial renders plus sensor noise,
 quality 90: ~70 KB at 480x640, as Pitts30k's) in the VG folder format, and packs it
@@ -40,6 +42,7 @@ from vgjax.data import packed, pipeline, synthetic  # noqa: E402
 BATCH = 8
 QUICK_CASES = {(480, 640): [(480, 640), (120, 160)]}  # source size -> training sizes
 FULL_CASES = {(480, 640): [(480, 640), (240, 320)], (768, 1024): [(480, 640)]}
+PER_CORE_CASES = {(480, 640): [(480, 640), (320, 320), (120, 160)]}
 COLUMNS = (f"| {'source':<11} | {'source -> training':<20} | {'parallel':<10} | {'img/s':>8} | "
            f"{'ms/img':>7} | {'vs folder':>9} |")
 HEADER = COLUMNS + "\n" + "".join("|" if c == "|" else "-" for c in COLUMNS)
@@ -139,11 +142,12 @@ def measure_case(source_size, size, packs, args):
     paths = split.database_paths + split.query_paths
     sources = {"folder": image_ops.load_rgb, "packed jpeg": split.loader(),
                "packed raw": packs[size, "raw"]["split"].loader()}
-    threads = sorted({1, 2, 4, os.cpu_count() or 1})
+    threads = [1] if args.per_core else sorted({1, 2, 4, os.cpu_count() or 1})
     case = {"source_size": list(source_size), "image_size": list(size)}
     rows = []
     for name, loader in sources.items():
-        runs = [(count, 0) for count in threads] + ([(1, 1), (1, 2)] if name != "packed raw" else [])
+        workers = [] if args.per_core or name == "packed raw" else [(1, 1), (1, 2)]
+        runs = [(count, 0) for count in threads] + workers
         for count, workers in runs:
             if workers:
                 result = worker_rate(paths, size, loader, workers, args.worker_repeats)
@@ -174,6 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="192 images, 480x640 sources, < 2 minutes")
+    parser.add_argument("--per-core", action="store_true", help="1 thread, training sizes 480x640, 320x320, 120x160")
     parser.add_argument("--images", type=int, default=None, help="images per source size")
     parser.add_argument("--workdir", default="", help="where to write the synthetic images (default: temp)")
     parser.add_argument("--out", default="benchmarks/results/pipeline.json")
@@ -184,7 +189,8 @@ def main() -> None:
     flags.FLAGS.mark_as_parsed()  # grain's mp_prefetch reads absl flags
     rows, packing = [], []
     with tempfile.TemporaryDirectory(dir=args.workdir or None) as tmp:
-        for source_size, sizes in (QUICK_CASES if args.quick else FULL_CASES).items():
+        cases = PER_CORE_CASES if args.per_core else QUICK_CASES if args.quick else FULL_CASES
+        for source_size, sizes in cases.items():
             root = write_source(Path(tmp) / _size(source_size), source_size, count)
             folder_bytes = total_bytes(root.rglob("*.jpg")) / count
             print(f"source {_size(source_size)}: {count} JPEGs, {folder_bytes / 1e3:.0f} KB/image")

@@ -64,6 +64,7 @@ def _refused(config, tmp_path, mode="train", workdir=None) -> str:
     ({"eval.test_method": "maj_votin"}, "eval.test_method='maj_votin': choose from hard_resize, single_query"),
     ({"eval.test_method": ""}, "eval.test_method='': choose from hard_resize"),
     ({"eval.index": "lsh"}, "eval.index='lsh': choose one of flat, flat_ip, ivf_flat"),
+    ({"data.packed_encoding": "png"}, "data.packed_encoding='png': choose one of jpeg, raw"),
     ({"eval.index": "ivf_flat", "eval.index_params": "nlist=abc"},
      "eval.index_params='nlist=abc': nlist='abc' is not a number"),
     ({"eval.index_params": "nlist=16"},

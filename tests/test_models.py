@@ -377,3 +377,26 @@ def test_a_resize_too_small_for_the_backbone_names_data_resize():
                               jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32))
     np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, rtol=1e-5)  # not all-zero
     assert not np.allclose(*descriptors)
+
+
+BF16_MIN_COSINE = 0.995  # the stated tolerance of bfloat16 descriptors against float32 ones
+
+
+@pytest.mark.parametrize("aggregation", ["netvlad", "crn", "rrm"])
+def test_bfloat16_descriptors_stay_close_to_float32(aggregation):
+    """model.dtype=bfloat16 through the whole embed path (the one mining, validation and
+    evaluation use): each image's descriptor keeps a cosine similarity >= BF16_MIN_COSINE with
+    the float32 one; the parameters stay float32 and the descriptors come back as float32.
+    The aggregations with learned matmuls; GeM through the network is tested above, and every
+    aggregation module alone in test_aggregators.py (within 3% of the float32 output's scale)."""
+    size = (32, 32)
+    config = model_config("resnet18conv4", aggregation)
+    variables = geoloc_net.init_variables(geoloc_net.build(config, size), size)
+    batch = np.random.default_rng(0).integers(0, 256, size=(3, *size, 3), dtype=np.uint8)
+    reference = embed.make_embed_fn(geoloc_net.build(config, size), variables)(batch)
+    config.dtype = "bfloat16"
+    low = embed.make_embed_fn(geoloc_net.build(config, size), variables)(batch)
+    assert low.dtype == np.float32 and low.shape == reference.shape
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    cosine = np.sum(low * reference, 1) / (np.linalg.norm(low, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cosine.min() >= BF16_MIN_COSINE, cosine

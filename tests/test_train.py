@@ -229,11 +229,12 @@ def test_straight_run_cadence_banner_log_and_best_metric(straight):
 def test_killed_and_resumed_equals_uninterrupted_also_packed(straight):
     root, _ = straight
     datasets = root / "datasets"
-    # The train split packed (mode pack): the images are already 64x64, so the packed JPEGs are
-    # the files themselves and training on them must give the same result.
-    packed = ["--config.data.packed_folder=" + str(root / "packed")]
+    # The train split packed (mode pack) as raw pixels: the images are already 64x64, so the
+    # packed pixels are the decoded files and training on them must give the same result.
+    packed = ["--config.data.packed_folder=" + str(root / "packed"), "--config.data.packed_encoding=raw"]
     _run(_launch(root / "pack", datasets, *packed, "--mode", "pack"))
-    assert (root / "packed" / "aerial_smoke-train-64x64" / "manifest.json").exists()
+    manifest = json.loads((root / "packed" / "aerial_smoke-train-64x64" / "manifest.json").read_text())
+    assert manifest["encoding"] == "raw"
     # Same command on the packed split, killed (SIGKILL, no clean-up) once step 6's checkpoint is
     # committed: epoch 1, two steps into its second mining round.
     workdir = root / "killed"
@@ -358,21 +359,37 @@ def test_the_final_test_honours_the_eval_options_exactly_as_an_evaluation_does(s
     assert _snapshot(root / "straight") == before
 
 
+def _netvlad_run(workdir: Path, config, image_size) -> dict:
+    """A vgjax NetVLAD training workdir as the engine leaves one (its config.json, and a best
+    checkpoint of the whole TrainState saved by the same checkpoint manager), without the
+    training: returns the saved variables."""
+    model = geoloc_net.build(config.model, image_size)
+    variables = geoloc_net.init_variables(model, image_size, seed=3)
+    state, _ = train_state.create_state(config, variables, seed=0)
+    workdir.mkdir()
+    (workdir / checkpoint.RUN_CONFIG).write_text(config.to_json_best_effort())
+    checkpoints = checkpoint.Checkpoints(workdir / checkpoint.CHECKPOINT_FOLDER)
+    checkpoints.save(8, {"train": state}, {"epoch": 1}, best=True)
+    checkpoints.close()
+    return variables
+
+
 @pytest.mark.slow
 def test_crn_starts_from_a_vgjax_netvlad_run(straight):
     root, _ = straight
     netvlad = root / "netvlad"
     # 160x160: conv4 maps of 10x10, the 100 local features per image NetVLAD's k-means init takes.
     options = ["--config.model.netvlad_clusters=4", "--config.train.epochs_num=1", "--config.data.resize=(160, 160)"]
-    _run(_launch(netvlad, root / "datasets", "--config.model.aggregation=netvlad", *options))
     config = smoke_train.get_config()
-    config.model.update(aggregation="crn", netvlad_clusters=4, resume=str(netvlad))
+    config.model.update(aggregation="netvlad", netvlad_clusters=4)
+    config.data.resize = (160, 160)
+    trained = _netvlad_run(netvlad, config, (160, 160))
+    config.model.update(aggregation="crn", resume=str(netvlad))
     model_config, _, variables = runs.network_from_run(config.model, netvlad, (160, 160), keep_defaults=False)
-    _, saved, _ = checkpoint.read_run(netvlad)
     assert model_config.aggregation == "crn" and set(variables["params"]["aggregation"]) == {
         "assignment_kernel", "centroids", "crn"}
     for part in ("backbone", "aggregation"):  # the run's backbone and NetVLAD layer, exactly
-        jax.tree.map(np.testing.assert_array_equal, saved["params"][part],
+        jax.tree.map(np.testing.assert_array_equal, trained["params"][part],
                      {k: v for k, v in variables["params"][part].items() if k != "crn"})
     out = _run(_launch(root / "crn", root / "datasets", "--config.model.aggregation=crn",
                        f"--config.model.resume={netvlad}", *options))

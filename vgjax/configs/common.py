@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
         infer_batch_size=16,
         num_workers=2,  # host threads decoding images
         packed_folder="",  # training reads the train split packed at `resize` here (mode pack; vgjax.data.packed)
+        packed_encoding="jpeg",  # jpeg | raw (5-20x faster to read, ~0.9 MB per 480x640 image): how mode pack stores images
         val_positive_dist_threshold=25.0,  # metres: val/test positives, train soft positives
         train_positives_dist_threshold=10.0,  # metres: train hard positives
     ))

@@ -34,7 +34,7 @@ import ml_collections
 from vgjax import baselines
 from vgjax import eval_run, evaluate
 from vgjax import index as index_lib
-from vgjax.data import augment, synthetic
+from vgjax.data import augment, packed, synthetic
 from vgjax.models import geoloc_net, netvlad_init, pretrained, registry
 from vgjax.train import checkpoint, cosplace, loop, losses, mining, state
 
@@ -43,7 +43,7 @@ TRIPLET_MODES = ("train", "demo")
 EVALUATING_MODES = ("eval",) + TRAINING_MODES  # the modes that test on a split
 
 # The options each mode does not read (a section ends with "."); train.distributed is read by all.
-_TRAINING_ONLY = ("train.", "mining.", "cosplace.", "data.packed_folder",
+_TRAINING_ONLY = ("train.", "mining.", "cosplace.", "data.packed_folder", "data.packed_encoding",
                   "data.train_positives_dist_threshold", "model.freeze_te", "model.frozen_bn")
 _IGNORED = {
     "eval": _TRAINING_ONLY,
@@ -139,6 +139,7 @@ def _check_data(config, mode: str) -> list[str]:
                 *_at_least(config, ("data.infer_batch_size", "data.synthetic_frames"), 1),
                 *_at_least(config, ("data.val_positive_dist_threshold",), 0, integer=False),
                 *_synthetic(config.data.synthetic)]
+    problems += _one_of(config, "data.packed_encoding", packed.ENCODINGS)
     if mode == "pack" and not config.data.packed_folder:
         problems.append("data.packed_folder='': --mode pack needs the folder to pack into")
     return problems

@@ -93,7 +93,8 @@ def packed_train_folder(config: ml_collections.ConfigDict) -> Path | None:
 
 def packed_train_loader(config: ml_collections.ConfigDict, dataset_dir: Path, split: Split):
     """With data.packed_folder: the train split's images read from its packed form (vgjax.data.packed),
-    packed first if missing (single-process runs); else None (decode the JPEGs)."""
+    packed first (as data.packed_encoding) if missing (single-process runs); else None (decode
+    the JPEGs). An existing pack is read whatever its encoding."""
     folder = packed_train_folder(config)
     if folder is None:
         return None
@@ -102,7 +103,7 @@ def packed_train_loader(config: ml_collections.ConfigDict, dataset_dir: Path, sp
             raise FileNotFoundError(f"{folder} does not exist; pack it once before a multi-host run: "
                                     "python launch.py --config ... --mode pack")
         packed.pack_split(dataset_dir, "train", folder, tuple(config.data.resize),
-                          num_threads=config.data.num_workers)
+                          encoding=config.data.packed_encoding, num_threads=config.data.num_workers)
     return packed.open_packed(folder, tuple(config.data.resize)).loader(split)
 
 
