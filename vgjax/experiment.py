@@ -15,7 +15,8 @@ Modes:
   train_cosplace: CosPlace's CosFace training over groups of classes (vgjax.train.cosplace), on
     the same engine.
   pack: packs the train split at config.data.resize into config.data.packed_folder
-    (array_record shards, vgjax.data.packed), which training then reads instead of the JPEGs.
+    (array_record shards of JPEG or raw images, data.packed_encoding; vgjax.data.packed), which
+    training then reads instead of the JPEGs.
   export: writes the network of a training run (the workdir's own, or model.resume=<workdir>;
     its model.resume_checkpoint) or of config.model with its weights (model.resume file or
     model.pretrain) into <workdir>/export/: the PyTorch benchmark's state dict (.safetensors)
@@ -181,7 +182,6 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     eval.datasets (vgjax.eval_run); writes the table, and workdir/results.json, or in a training
     workdir eval/*.json (see the module doc)."""
     in_run = checkpoint.run_folder(workdir) is not None
-    # model.resume may be a run (a weights file is not); else the workdir's own run, if any.
     run = _run_to_use(config, workdir)
     if run is not None:
         model_config, model, variables = runs.network_from_run(config.model, run, tuple(config.data.resize),
