@@ -53,8 +53,8 @@ from vgjax.data.vg_folder import (
     IMAGE_SUFFIX,
     MAX_COORDINATE,
     DatasetFormatError,
-    check_not_broken_link,
     parse_image_name,
+    walk_folder,
 )
 
 PATHS_FILE_SUFFIX = "_images_paths.txt"
@@ -300,31 +300,14 @@ def _select_groups(arrays: dict[str, np.ndarray], config: PartitionConfig) -> li
 
 def _list_jpgs(folder: str, progress: bool) -> tuple[list[str], dict[str, int]]:
     """Sorted relative paths of the non-hidden `*.jpg` below `folder`, as CosPlace's glob finds
-    them (hidden entries skipped, directory symlinks followed), and the mtime (ns) of each
-    directory visited, by absolute path."""
+    them (vg_folder.walk_folder), and the mtime (ns) of each directory visited, by its path."""
     names, mtimes = [], {}
-    stack = [("", ())]
     with tqdm(desc=f"listing {folder}", unit=" img", disable=not progress) as bar:
-        while stack:
-            relative, ancestors = stack.pop()
-            directory = os.path.join(folder, relative)
-            stat = os.stat(directory)
-            inode = (stat.st_dev, stat.st_ino)
-            if inode in ancestors:  # a symlink cycle
-                continue
-            mtimes[directory] = stat.st_mtime_ns
-            found = len(names)
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.name.startswith("."):
-                        continue
-                    if entry.is_dir():
-                        stack.append((relative + entry.name + "/", ancestors + (inode,)))
-                        continue
-                    check_not_broken_link(entry)
-                    if entry.name.endswith(IMAGE_SUFFIX):
-                        names.append(relative + entry.name)
-            bar.update(len(names) - found)
+        for relative, mtime, files in walk_folder(folder):
+            mtimes[os.path.join(folder, relative)] = mtime
+            jpgs = [relative + name for name in files if name.endswith(IMAGE_SUFFIX)]
+            names += jpgs
+            bar.update(len(jpgs))
     if not names:
         raise DatasetFormatError(f"image folder {folder} contains no {IMAGE_SUFFIX} files")
     names.sort()

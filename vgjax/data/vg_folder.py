@@ -173,42 +173,46 @@ def find_split_folder(dataset_dir: str | os.PathLike, split: str) -> Path:
     )
 
 
-def check_not_broken_link(entry: os.DirEntry) -> None:
+def _check_not_broken_link(entry: os.DirEntry) -> None:
     """DatasetFormatError naming `entry` if it is a symbolic link to nothing."""
     if entry.is_symlink() and not os.path.exists(entry.path):
         raise DatasetFormatError(f"{entry.path}: broken symbolic link (its target "
                                  f"{os.readlink(entry.path)} does not exist)")
 
 
-def _walk_files(folder: str | os.PathLike) -> Iterator[str]:
-    """Paths of the non-hidden files below `folder`, as `glob('<folder>/**/*', recursive=True)`
-    finds them: hidden entries are skipped and directory links followed, except a link back to
-    one of its own ancestors (a cycle).
+def walk_folder(folder: str | os.PathLike) -> Iterator[tuple[str, int, list[str]]]:
+    """The directories below `folder` as the benchmark's and CosPlace's recursive globs visit
+    them: hidden entries skipped, directory links followed, except a link back to one of its
+    own ancestors (a cycle). Yields, per directory, (its path relative to `folder` with a
+    trailing "/", "" for `folder` itself; its mtime in ns; the names of its non-hidden files).
 
     Raises:
       DatasetFormatError: naming a broken symbolic link (glob would list it silently).
     """
-    stack = [(os.fspath(folder), ())]
+    stack = [("", ())]
     while stack:
-        directory, ancestors = stack.pop()
+        relative, ancestors = stack.pop()
+        directory = os.path.join(folder, relative)
         stat = os.stat(directory)
         inode = (stat.st_dev, stat.st_ino)
         if inode in ancestors:
             continue
+        files = []
         with os.scandir(directory) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir():
-                    stack.append((entry.path, ancestors + (inode,)))
+                    stack.append((relative + entry.name + "/", ancestors + (inode,)))
                 else:
-                    check_not_broken_link(entry)
-                    yield entry.path
+                    _check_not_broken_link(entry)
+                    files.append(entry.name)
+        yield relative, stat.st_mtime_ns, files
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
     """Sorted paths of all `*.jpg` files below `folder` (recursive), as the benchmark's
-    recursive glob lists them (see `_walk_files`).
+    recursive glob lists them (see `walk_folder`).
 
     Raises:
       FileNotFoundError: the folder does not exist.
@@ -218,7 +222,7 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = list(_walk_files(folder))
+    files = [os.path.join(folder, relative + name) for relative, _, names in walk_folder(folder) for name in names]
     paths = sorted(path for path in files if path.endswith(IMAGE_SUFFIX))
     others = [Path(path) for path in files if os.path.splitext(path)[1] in _OTHER_IMAGE_SUFFIXES]
     if not paths:
