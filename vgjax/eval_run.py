@@ -55,13 +55,18 @@ def options_suffix(eval_config: ml_collections.ConfigDict) -> str:
     return suffix + (f"_{eval_config.index}" if eval_config.index != "flat" else "")
 
 
+def check_pca(eval_config: ml_collections.ConfigDict) -> None:
+    """ValueError when eval.pca_dim is set without eval.pca_dataset_folder to fit it on."""
+    if eval_config.pca_dim is not None and not eval_config.pca_dataset_folder:
+        raise ValueError(f"eval.pca_dim={eval_config.pca_dim}: pca_dim needs config.eval.pca_dataset_folder "
+                         "(relative to the datasets folder, e.g. pitts30k/images/train)")
+
+
 def fit_pca(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn) -> evaluate.PCA | None:
     """PCA to eval.pca_dim fitted on eval.pca_dataset_folder's images, or None without pca_dim."""
+    check_pca(config.eval)
     if config.eval.pca_dim is None:
         return None
-    if not config.eval.pca_dataset_folder:
-        raise ValueError("config.eval.pca_dim needs config.eval.pca_dataset_folder "
-                         "(relative to the datasets folder, e.g. pitts30k/images/train)")
     folder = datasets_root(config.data) / config.eval.pca_dataset_folder
     return evaluate.fit_pca_on_folder(
         embed_fn, folder, config.eval.pca_dim, resize=tuple(config.data.resize),

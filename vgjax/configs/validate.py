@@ -178,7 +178,7 @@ def _check_model(config) -> list[str]:
 
 
 def _model_rule(rule, *args) -> list[str]:
-    """A rule of the model code that raises at its first problem, as a problem list."""
+    """A rule of the code that uses the option, raising at its first problem, as a problem list."""
     try:
         rule(*args)
     except (ValueError, FileNotFoundError) as error:
@@ -190,12 +190,10 @@ def _check_eval(config) -> list[str]:
     problems = [*_test_methods(config.eval), *_recall_values(config.eval.recall_values),
                 *_one_of(config, "eval.index", index_lib.INDEX_KINDS),
                 *_at_least(config, ("eval.pca_dim",), 1, optional=True),
-                *_at_least(config, ("eval.num_preds_to_save",), 0)]
+                *_at_least(config, ("eval.num_preds_to_save",), 0),
+                *_model_rule(eval_run.check_pca, config.eval)]
     if config.eval.index in index_lib.INDEX_KINDS:
         problems += _index_params(config.eval.index, config.eval.index_params)
-    if config.eval.pca_dim is not None and not config.eval.pca_dataset_folder:
-        problems.append(f"eval.pca_dim={config.eval.pca_dim}: pca_dim needs config.eval.pca_dataset_folder "
-                        "(relative to the datasets folder, e.g. pitts30k/images/train)")
     return problems
 
 
