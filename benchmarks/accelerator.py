@@ -54,9 +54,10 @@ import numpy as np  # noqa: E402
 
 from vgjax import embed, experiment, index as index_lib, profiling, sharding  # noqa: E402
 from vgjax.configs import common  # noqa: E402
-from vgjax.data import augment, packed, pipeline, synthetic  # noqa: E402
+from vgjax.data import packed, pipeline, synthetic  # noqa: E402
 from vgjax.models import geoloc_net  # noqa: E402
-from vgjax.train import state as train_state, triplet  # noqa: E402
+from vgjax.train import triplet  # noqa: E402
+from benchmarks import train_step  # noqa: E402
 
 # Dense TFLOP/s per chip: (bfloat16, float32 as XLA computes it by default). device_kind
 # substrings, most specific first. Sources: NVIDIA H100/H200/A100/L4 datasheets (SXM parts
@@ -167,11 +168,8 @@ def extraction_rows(plan: Plan, args):
 
 def time_train_step(config, size: tuple[int, int], tuples: int, min_seconds: float) -> dict:
     """The triplet step of `config` on `tuples` x (2 + negatives) random images, alone."""
-    model = geoloc_net.build(config.model, size)
-    state, tx = train_state.create_state(config, geoloc_net.init_variables(model, size, 0), seed=0)
+    state, step = train_step.triplet_step(config, size)
     tuple_size = 2 + config.mining.negs_num_per_query
-    step = triplet.make_step(model, tx, triplet.StepConfig(
-        tuple_size, config.train.criterion, config.train.margin, augment.AugmentConfig.from_config(config.train)))
     rng = np.random.default_rng(0)
     batch = {"images": jnp.asarray(rng.integers(0, 256, (tuples * tuple_size, *size, 3), np.uint8))}
     lowered = step.lower(state, None, batch)

@@ -55,20 +55,27 @@ def _timed(step, args, iterations: int) -> tuple[float, float]:
     return times[0], float(np.median(times[1:]))
 
 
-def time_vgjax_step(config, images: np.ndarray, iterations: int) -> dict:
-    size = images.shape[1:3]
+def triplet_step(config, size: tuple[int, int]):
+    """(the initial TrainState of config.model at `size`, random weights; the jitted triplet
+    step of `config`, state donated)."""
     model = geoloc_net.build(config.model, size)
     state, tx = train_state.create_state(config, geoloc_net.init_variables(model, size), seed=0)
-    tuple_size = 2 + config.mining.negs_num_per_query
     step = triplet.make_step(model, tx, triplet.StepConfig(
-        tuple_size, config.train.criterion, config.train.margin, augment.AugmentConfig.from_config(config.train)))
+        2 + config.mining.negs_num_per_query, config.train.criterion, config.train.margin,
+        augment.AugmentConfig.from_config(config.train)))
+    return state, step
+
+
+def time_vgjax_step(config, images: np.ndarray, iterations: int) -> dict:
+    state, step = triplet_step(config, images.shape[1:3])
     batch = {"images": images}
     tick = time.perf_counter()
     lowered = step.lower(state, None, batch)
-    lowered.compile()
+    compiled = lowered.compile()
     compile_seconds = time.perf_counter() - tick
     flops = profiling.lowered_flops(lowered)
-    first, seconds = _timed(lambda s: (step(s, None, batch)[0],), (state,), iterations)
+    first, seconds = _timed(lambda s: (compiled(s, None, batch)[0],), (state,), iterations)
+    tuple_size = 2 + config.mining.negs_num_per_query
     tuples = len(images) // tuple_size
     return {"seconds_per_step": seconds, "images_per_second": len(images) / seconds,
             "triplets_per_second": tuples * (tuple_size - 2) / seconds, "first_step_seconds": first,

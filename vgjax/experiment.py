@@ -64,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
         _check_same_architecture(config, workdir)  # before config.json is replaced
     workdir.mkdir(parents=True, exist_ok=True)
     if not (trained_here and mode in ("eval", "export")):
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        (workdir / checkpoint.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
     if config.train.distributed:
         sharding.initialize_distributed()
     runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace,
