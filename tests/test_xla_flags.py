@@ -17,14 +17,14 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
                           text=True, check=True)
 
 
-def test_import_disables_ynn_fusions_on_measured_jaxlib():
+def test_import_keeps_only_ynn_reductions_on_measured_jaxlib():
     assert xla_flags._jaxlib_version().startswith(xla_flags.MEASURED_JAXLIB)  # the pinned jaxlib
-    assert _run(_PRINT_FLAGS).stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type="
+    assert _run(_PRINT_FLAGS).stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type=reduce"
 
 
 def test_other_flags_are_kept_and_a_users_value_wins():
     out = _run(_PRINT_FLAGS, XLA_FLAGS="--xla_force_host_platform_device_count=2").stdout.strip()
-    assert out == "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type="
+    assert out == "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=reduce"
     mine = "--xla_cpu_experimental_ynn_fusion_type=-ynn_fusion"
     assert _run(_PRINT_FLAGS, XLA_FLAGS=mine).stdout.strip() == mine
 
@@ -62,7 +62,7 @@ def test_a_gpu_or_tpu_backend_gets_nothing_and_no_message(platforms):
 
 
 def test_cpu_named_first_gets_the_default():
-    assert _run(_PRINT_FLAGS, JAX_PLATFORMS="cpu").stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type="
+    assert _run(_PRINT_FLAGS, JAX_PLATFORMS="cpu").stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type=reduce"
 
 
 def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
