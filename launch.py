@@ -9,6 +9,7 @@ persistent compilation cache (vgjax.runtime). Everything else lives in vgjax.exp
 only once the flags are parsed, so that --help and flag errors are quick.
 """
 
+import contextlib
 import sys
 
 from absl import app, flags, logging
@@ -79,7 +80,7 @@ def main(argv):
     del argv  # parse_flags rejects positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    from vgjax import experiment
+    from vgjax import experiment, sharding
 
     mode = _MODE.value or _CONFIG.value.mode
     if mode not in experiment.MODES:
@@ -90,7 +91,9 @@ def main(argv):
         return
     if _COMPILATION_CACHE.value:
         runtime.enable_compilation_cache()
-    with logs.RunLog(_WORKDIR.value):
+    if _CONFIG.value.train.distributed:  # first, to know whether this process writes log.txt
+        sharding.initialize_distributed(sharding.distributed_settings(_CONFIG.value.train))
+    with logs.RunLog(_WORKDIR.value) if sharding.is_main_process() else contextlib.nullcontext():
         experiment.run(_CONFIG.value, _WORKDIR.value, mode)
 
 

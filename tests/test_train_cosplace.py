@@ -23,10 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def partition(tmp_path_factory):
+def train_folder(tmp_path_factory):
     root = synthetic.build_cosplace_dataset(tmp_path_factory.mktemp("cosplace") / "data", progress=False)
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def partition(train_folder, tmp_path_factory):
     config = cosplace_groups.PartitionConfig(M=10, alpha=30, N=2, L=1, groups_num=2, min_images_per_class=2)
-    return cosplace_groups.build_partition(root / "train", config, cache_dir=tmp_path_factory.mktemp("cache"),
+    return cosplace_groups.build_partition(train_folder, config, cache_dir=tmp_path_factory.mktemp("cache"),
                                     progress=False)
 
 
@@ -110,3 +115,26 @@ def test_cosplace_end_to_end_killed_and_resumed_equals_uninterrupted(tmp_path):
         assert results[0][key] == results[1][key], key
     assert results[0]["groups"] == [9, 9] and len(results[0]["val_history"]) == 2
     assert results[0]["method"] == "cosplace" and results[0]["best_metric"] == "R@1"
+
+
+def test_each_process_loads_its_share_of_every_batch(partition, train_folder, monkeypatch):
+    """With 2 processes, process p's batches are rows [p*B/2, (p+1)*B/2) of the one-process
+    batches, images and labels (a multi-process run's global batch is the one-process batch)."""
+    config = smoke_cosplace.get_config()
+    method = object.__new__(train_cosplace.CosPlace)  # only what batches() reads
+    method.config, method.partition = config, partition
+    method.train_folder = train_folder
+    method.run = type("Run", (), {"image_size": (32, 32)})()
+    progress = train_cosplace.Progress()
+
+    def batches(index, count):
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        monkeypatch.setattr(jax, "process_count", lambda: count)
+        return list(method.batches(progress))
+
+    whole, shares = batches(0, 1), [batches(0, 2), batches(1, 2)]
+    assert len(whole) == len(shares[0]) == len(shares[1]) == config.cosplace.iterations_per_epoch
+    for step, batch in enumerate(whole):
+        for key in ("images", "labels"):
+            np.testing.assert_array_equal(batch[key], np.concatenate([share[step][key] for share in shares]))
+

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import evaluate, visualize
+from vgjax import evaluate, sharding, visualize
 from vgjax import index as index_lib
 from vgjax.data.vg_folder import Split
 
@@ -100,7 +100,8 @@ def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn
             keep_descriptors=True)
         database = result.database_descriptors
         print(f"Recalls on {split.folder} ({method}): {result}", flush=True)
-        _save_outputs(config, split, result, out_dir, f"{title}, {method}" if title else method)
+        if sharding.is_main_process():
+            _save_outputs(config, split, result, out_dir, f"{title}, {method}" if title else method)
         results[method] = {"recalls": {f"R@{n}": r for n, r in result.recalls.items()},
                            "descriptor_dim": result.descriptor_dim, "index": result.index,
                            "timings": result.timings}

@@ -37,7 +37,9 @@ import os
 import shutil
 from pathlib import Path
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from vgjax import baselines, demo, embed, eval_run, eval_table, profiling, sharding
 from vgjax import evaluate as evaluate_lib
@@ -58,15 +60,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     validate.check(config, mode, workdir)
     if mode == "print_config":
         return print_config(config)
+    if config.train.distributed:  # before anything starts jax's backend
+        sharding.initialize_distributed(sharding.distributed_settings(config.train))
     workdir = Path(workdir)
     trained_here = checkpoint.run_folder(workdir) is not None
     if trained_here and mode in ("train", "train_cosplace"):
         _check_same_architecture(config, workdir)  # before config.json is replaced
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (trained_here and mode in ("eval", "export")):
-        (workdir / checkpoint.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
-    if config.train.distributed:
-        sharding.initialize_distributed()
+    if sharding.is_main_process():
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not (trained_here and mode in ("eval", "export")):
+            (workdir / checkpoint.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
     runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace,
             "eval": run_eval, "export": run_export, "profile": run_profile, "pack": run_pack}
     return runs[mode](config, workdir)
@@ -77,8 +80,18 @@ def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) 
     first if missing.
 
     Rendering goes to a `.partial` folder that is renamed when complete, so an interrupted
-    build is never mistaken for a dataset.
+    build is never mistaken for a dataset. With several processes, the main one prepares it
+    first while the others wait, then they prepare theirs (finding it there on a shared disk,
+    rendering the same dataset on their own host's otherwise).
     """
+    if jax.process_count() > 1:
+        if sharding.is_main_process():
+            _prepare_dataset(config, splits)
+        multihost_utils.sync_global_devices("vgjax-dataset-prepared")
+    return _prepare_dataset(config, splits)
+
+
+def _prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> Path:
     path = eval_run.datasets_root(config.data) / config.data.dataset_name
     kind = config.data.synthetic
     if kind == "doom":  # checks its manifest: a world with other parameters is an error
@@ -122,9 +135,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _write_results(workdir: Path, results: dict) -> dict:
-    """workdir/results.json (atomically), said on the console; returns `results`."""
-    _write_json(workdir / "results.json", results)
-    print(f"Wrote {workdir / 'results.json'}")
+    """workdir/results.json (atomically; by the main process only), said on the console;
+    returns `results`."""
+    if sharding.is_main_process():
+        _write_json(workdir / "results.json", results)
+        print(f"Wrote {workdir / 'results.json'}")
     return results
 
 

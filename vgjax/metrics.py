@@ -21,7 +21,10 @@ class MetricWriter:
     """Appends records to <workdir>/metrics.jsonl and writes TensorBoard events next to it, with
     tags exactly as given (tensorboardX's SummaryWriter would rename e.g. "R@1" to "R_1")."""
 
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir: str | Path, *, enabled: bool = True):
+        self.enabled = enabled  # False: writes nothing (a multi-process run's other processes)
+        if not enabled:
+            return
         tensorboardx = _tensorboardx()
         self._jsonl = Path(workdir) / "metrics.jsonl"
         self._events = tensorboardx.FileWriter(str(Path(workdir) / "tensorboard"))
@@ -30,6 +33,8 @@ class MetricWriter:
     def write(self, step: int, record: dict, prefix: str = "") -> None:
         """Appends {"step": step, **record}; numeric leaves (nested dicts flattened with "/")
         also become TensorBoard scalars named prefix + key."""
+        if not self.enabled:
+            return
         with open(self._jsonl, "a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         scalar = self._summary.Summary.Value
@@ -37,17 +42,22 @@ class MetricWriter:
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """TensorBoard images (PNG): tag -> uint8 [H, W, 3] array."""
+        if not self.enabled:
+            return
         value, make_image = self._summary.Summary.Value, self._summary.make_image
         self._add(step, [value(tag=tag, image=make_image(np.asarray(image, np.uint8)))
                          for tag, image in images.items()])
 
     def write_text(self, step: int, texts: Mapping[str, str]) -> None:
         """TensorBoard text (markdown): tag -> text, shown under "<tag>/text_summary"."""
+        if not self.enabled:
+            return
         self._add(step, [value for tag, text in texts.items()
                          for value in self._summary.text(tag, text).value])
 
     def close(self) -> None:
-        self._events.close()
+        if self.enabled:
+            self._events.close()
 
     def _add(self, step: int, values: list) -> None:
         """Writes one event with `values` (if any) and flushes it to disk."""

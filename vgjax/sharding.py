@@ -3,23 +3,79 @@
 Batches are sharded along their first axis, everything else (params, optimizer state) is
 replicated; `jax.jit` inserts the all-reduces, so the same code runs on 1 CPU, 8 GPUs or many
 hosts. BatchNorm statistics are means over the *global* batch, exactly as on one device.
-Multi-host: call `initialize_distributed()` first; each process passes its own slice of the
-global batch to `shard_batch`.
+
+Multi-process (several hosts, or several processes on one machine): `initialize_distributed`
+first, with `distributed_settings(config.train)`. Then every process runs the same program;
+each passes its own rows of a global batch to `shard_batch`, and results every process needs
+come back whole through `gather` (jax.experimental.multihost_utils.process_allgather). Only
+the main process (`is_main_process`) writes a run's files.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
 
-def initialize_distributed() -> None:
-    """jax.distributed.initialize() (cluster settings from the environment, e.g. SLURM, or
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
-    jax.distributed.initialize()
+# The settings of jax.distributed.initialize, and the environment variable of each.
+DISTRIBUTED_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+                   "process_id": "JAX_PROCESS_ID"}
+
+
+def distributed_settings(train_config) -> dict:
+    """{coordinator_address, num_processes, process_id} from train.<key>, else its environment
+    variable (DISTRIBUTED_ENV); {} when none is given (JAX then detects SLURM, TPU pods, ...).
+    ValueError (one line, naming the setting) when only some are given or one is malformed."""
+    given = {}
+    for key, variable in DISTRIBUTED_ENV.items():
+        value = train_config.get(key)
+        source = f"train.{key}"
+        if value is None or value == "":
+            value, source = os.environ.get(variable, ""), f"${variable}"
+        if value != "":
+            given[key] = (value, source)
+    if not given:
+        return {}
+    missing = [f"train.{key} (or ${variable})" for key, variable in DISTRIBUTED_ENV.items() if key not in given]
+    if missing:
+        raise ValueError(f"multi-process settings incomplete: {', '.join(missing)} missing while "
+                         f"{', '.join(source for _, source in given.values())} is set")
+    address, address_source = given["coordinator_address"]
+    host, _, port = str(address).rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address_source}={address!r} is not host:port")
+    settings = {"coordinator_address": str(address)}
+    for key in ("num_processes", "process_id"):
+        value, source = given[key]
+        try:
+            settings[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{source}={value!r} is not an integer") from None
+    if settings["num_processes"] < 1 or not 0 <= settings["process_id"] < settings["num_processes"]:
+        raise ValueError(f"{given['process_id'][1]}={settings['process_id']} is not in "
+                         f"[0, {settings['num_processes']}) ({given['num_processes'][1]}={settings['num_processes']})")
+    return settings
+
+
+def initialize_distributed(settings: dict) -> None:
+    """jax.distributed.initialize(**settings) (from `distributed_settings`; {}: JAX's own
+    cluster detection), once per process. On CPU, collectives between processes go through
+    gloo."""
+    if jax.distributed.is_initialized():  # launch.py initializes before experiment.run
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**settings)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (process 0)."""
+    return jax.process_index() == 0
 
 
 def make_mesh() -> Mesh:
@@ -48,3 +104,10 @@ def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
         raise ValueError(f"batch of {len(local_batch)} rows cannot be split evenly over "
                          f"{local_devices} local devices")
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+
+
+def gather(array: jax.Array) -> np.ndarray:
+    """The whole of a global array, as numpy, on every process (one process: np.asarray)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

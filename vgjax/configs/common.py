@@ -60,7 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
         checkpoint_every_steps=0,  # also checkpoint inside a round every N steps (0: rounds only)
         keep_checkpoints=2,  # the newest N checkpoints are kept, and the best one
         profile_steps=0,  # >0: a JAX profiler trace of that many steps into <workdir>/profile
-        distributed=False,  # multi-host: jax.distributed.initialize() from the environment
+        # Multi-process (several hosts, or processes on one machine): jax.distributed.initialize
+        # with these three settings, each from its key or else from $JAX_COORDINATOR_ADDRESS,
+        # $JAX_NUM_PROCESSES, $JAX_PROCESS_ID; with none of them, JAX detects SLURM, TPU pods...
+        distributed=False,
+        coordinator_address=config_dict.placeholder(str),  # "host:port" of process 0
+        num_processes=config_dict.placeholder(int),
+        process_id=config_dict.placeholder(int),
         # Augmentations (triplet: the queries only, benchmark order; CosPlace: every image,
         # colour jitter in a random order per image).
         brightness=0.0,

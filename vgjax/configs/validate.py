@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vgjax import baselines
-from vgjax import eval_run, evaluate
+from vgjax import eval_run, evaluate, sharding
 from vgjax import index as index_lib
 from vgjax.data import augment, packed, synthetic
 from vgjax.models import geoloc_net, netvlad_init, pretrained, registry
@@ -42,7 +42,8 @@ TRAINING_MODES = ("train", "train_cosplace", "demo")
 TRIPLET_MODES = ("train", "demo")
 EVALUATING_MODES = ("eval",) + TRAINING_MODES  # the modes that test on a split
 
-# The options each mode does not read (a section ends with "."); train.distributed is read by all.
+# The options each mode does not read (a section ends with "."); the multi-process settings are
+# read by all.
 _TRAINING_ONLY = ("train.", "mining.", "cosplace.", "data.packed_folder", "data.packed_encoding",
                   "data.train_positives_dist_threshold", "model.freeze_te", "model.frozen_bn")
 _IGNORED = {
@@ -54,7 +55,8 @@ _IGNORED = {
     "train_cosplace": ("mining.", "train.criterion", "train.margin", "eval.datasets"),
     "demo": ("cosplace.", "eval.datasets"),
 }
-_READ_BY_EVERY_MODE = ("train.distributed",)
+_READ_BY_EVERY_MODE = ("train.distributed", "train.coordinator_address", "train.num_processes",
+                       "train.process_id")
 
 
 class ConfigError(ValueError):
@@ -68,7 +70,8 @@ class ConfigError(ValueError):
 def check(config: ml_collections.ConfigDict, mode: str, workdir: str | os.PathLike | None) -> None:
     """Raises ConfigError listing every problem of `config` for `mode` (a vgjax.experiment mode)
     in `workdir`; reads no dataset and writes nothing."""
-    problems = [*_check_workdir(workdir, mode), *_check_data(config, mode), *_check_model(config)]
+    problems = [*_check_workdir(workdir, mode), *_check_data(config, mode), *_check_model(config),
+                *_check_distributed(config)]
     if mode in EVALUATING_MODES:
         problems += _check_eval(config)
     if mode in TRAINING_MODES:
@@ -218,6 +221,17 @@ def _index_params(kind: str, text: str) -> list[str]:
         index_lib.check_params(kind, index_lib.parse_params(text))
     except ValueError as error:
         return [f"eval.index_params={text!r}: {error}"]
+    return []
+
+
+def _check_distributed(config) -> list[str]:
+    """The multi-process settings, when train.distributed is on."""
+    if not config.train.distributed:
+        return []
+    try:
+        sharding.distributed_settings(config.train)
+    except ValueError as error:
+        return [str(error)]
     return []
 
 

@@ -45,8 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
+from vgjax import sharding
 from vgjax.train.state import merge_params
 
 _COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # "commit_success.txt"
@@ -54,6 +58,7 @@ _COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # "commit_success.t
 # ("16.orbax-checkpoint-tmp"; older orbax versions append "-<timestamp>").
 _FOLDER_NAME = re.compile(r"(0|[1-9]\d*)(" + re.escape(ocp.path.atomicity_types.TMP_DIR_SUFFIX) + ".*)?")
 _UNKNOWN = object()
+_META_ONLY = object()  # _restore: no state
 
 
 class CheckpointError(RuntimeError):
@@ -101,14 +106,14 @@ class Checkpoints:
         """(state, meta, step) of the last or best checkpoint; None if there is none.
 
         `target` is a pytree of the same structure as saved (e.g. the freshly initialised state);
-        restored arrays take its shapes, dtypes and shardings. meta includes "best_step"; "best"
+        restored arrays take its shapes, dtypes and shardings (None: as saved, on this
+        process's first device). A checkpoint restores onto any number of devices and processes. meta includes "best_step"; "best"
         is None while no save was marked best. Folders skipped are reported on stderr;
         CheckpointError if step folders exist but none restores, or if the best one does not.
         """
         if which not in ("last", "best"):
             raise ValueError(f'which must be "last" or "best", got {which!r}')
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        last = self._restore_last(abstract)
+        last = self._restore_last(target)
         if which == "last" or last is None:
             return last
         _, meta, step = last
@@ -118,7 +123,7 @@ class Checkpoints:
         if best_step == step:
             return last
         try:
-            best = self._restore(best_step, state=ocp.args.StandardRestore(abstract))
+            best = self._restore(best_step, target)
         except CheckpointError as error:
             raise CheckpointError(f"the best checkpoint, named by {self.directory / str(step)}, "
                                   f"cannot be restored: {error}") from error
@@ -144,7 +149,7 @@ class Checkpoints:
             raise ValueError(f"cannot save step {step}: {self.directory} already holds step {newest} "
                              "(steps must increase)")
 
-    def _restore_last(self, abstract: Any) -> tuple[Any, dict, int] | None:
+    def _restore_last(self, target: Any) -> tuple[Any, dict, int] | None:
         """The newest step folder that restores, reporting the ones skipped."""
         folders = self._folders()
         skipped = []
@@ -152,7 +157,7 @@ class Checkpoints:
             try:
                 if folder.name != str(number):
                     raise CheckpointError(f"{folder}: orbax temporary folder (the write was not committed)")
-                restored = self._restore(number, state=ocp.args.StandardRestore(abstract))
+                restored = self._restore(number, target)
             except CheckpointError as error:
                 print(f"checkpoint warning: skipping {error}", file=sys.stderr, flush=True)
                 skipped.append(str(error))
@@ -165,12 +170,14 @@ class Checkpoints:
         self._best_step = None
         return None
 
-    def _restore(self, step: int, **items) -> ocp.args.Composite:
-        """meta (and the other `items`) restored from folder `step`; CheckpointError if damaged."""
+    def _restore(self, step: int, target: Any = _META_ONLY) -> ocp.args.Composite:
+        """meta (and state, shaped as `target`; None: as saved, on this process's first device)
+        restored from folder `step`; CheckpointError if damaged."""
         folder = self.directory / str(step)
         problem = _commit_problem(step, folder)
         if problem:
             raise CheckpointError(f"{folder}: {problem}")
+        items = {} if target is _META_ONLY else {"state": ocp.args.StandardRestore(_abstract(folder, target))}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
         except Exception as error:
@@ -205,8 +212,12 @@ class Checkpoints:
         return folder.name == str(step) and folder not in self._damaged and not _commit_problem(step, folder)
 
     def _delete(self, folders: list[Path]) -> None:
-        """Deletes folders, un-committing each first; then refreshes the manager's step list."""
-        for folder in folders:
+        """Deletes folders, un-committing each first; then refreshes the manager's step list.
+        With several processes, every process calls it with the same folders, the main one
+        deletes, and all wait for each other before (every process has listed the folders)
+        and after (none lists them half-deleted)."""
+        _barrier("vgjax-checkpoint-delete-start")
+        for folder in folders if sharding.is_main_process() else []:
             try:
                 if folder.is_dir() and not folder.is_symlink():
                     (folder / _COMMIT_FILE).unlink(missing_ok=True)
@@ -215,9 +226,32 @@ class Checkpoints:
                     folder.unlink()
             except OSError as error:
                 raise CheckpointError(f"deleting {folder} failed: {_describe(error)}") from error
-            self._damaged.discard(folder)
+        _barrier("vgjax-checkpoint-delete-end")
+        self._damaged.difference_update(folders)
         if folders:
             self._manager.reload()
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (nothing with one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _abstract(folder: Path, target: Any) -> Any:
+    """What orbax restores the state of `folder` as, always with explicit shardings, so that a
+    checkpoint restores onto any number of devices and processes: `target`'s numpy leaves as
+    numpy (host data such as the mining state), its jax.Arrays with their own shardings; with no
+    target, every array as saved, on this process's first device."""
+    if target is not None:
+        return jax.tree.map(lambda leaf: leaf if isinstance(leaf, np.ndarray) else ocp.utils.to_shape_dtype_struct(leaf),
+                            target)
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(epath.Path(folder / "state")).tree
+    except Exception as error:
+        raise CheckpointError(f"{folder}: unreadable metadata: {_describe(error)}") from error
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
 
 
 def _commit_problem(step: int, folder: Path) -> str | None:

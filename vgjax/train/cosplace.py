@@ -145,11 +145,14 @@ class CosPlace(Method):
         batch_size = self.config.train.train_batch_size
         paths, labels = epoch_samples(self.partition, self._group(progress), seed=self.config.seed,
                                       epoch=progress.epoch, steps=self.batches_per_round(), batch_size=batch_size)
+        index, count = jax.process_index(), jax.process_count()
+        local = batch_size // count  # each process loads its contiguous share of every batch
         images = pipeline.triplet_batches(  # single-image "tuples"
             [[str(self.train_folder / p)] for p in paths], batch_size, self.run.image_size,
-            start_batch=progress.batch, num_threads=self.config.data.num_workers)
+            start_batch=progress.batch, process_index=index, process_count=count,
+            num_threads=self.config.data.num_workers)
         for step, batch in enumerate(images, start=progress.batch):
-            yield {"images": batch, "labels": labels[step * batch_size:(step + 1) * batch_size]}
+            yield {"images": batch, "labels": labels[step * batch_size + index * local:][:local]}
 
     def head(self, progress: Progress) -> Head:
         return sharding.replicate(self.classifiers[self._group(progress)], self.run.mesh)

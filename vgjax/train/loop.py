@@ -168,7 +168,8 @@ class Run:
         state, self.tx = create_state(config, variables, config.seed, train_all_layers=method.train_all_layers)
         self.state: TrainState = sharding.replicate(state, self.mesh)
         self.embed = embed.make_sharded_embed_fn(self.model, self.mesh)
-        self.metrics = MetricWriter(self.workdir)
+        self.embed_fn = self._make_embed_fn()
+        self.metrics = MetricWriter(self.workdir, enabled=sharding.is_main_process())
         self.tracer = profiling.StepTracer(self.workdir / "profile", config.train.profile_steps)
         self._compiled: dict = {}
         method.setup(self)
@@ -180,9 +181,14 @@ class Run:
             self.config.model.netvlad_clusters, batch_size=self.config.data.infer_batch_size,
             seed=self.config.seed)
 
-    def embed_fn(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images -> descriptors with the current params."""
-        return self.embed(self.state.variables(), images)
+    def _make_embed_fn(self) -> embed.EmbedFn:
+        """uint8 images -> descriptors with the current params (joining every process, as
+        self.embed does)."""
+        def embed_fn(images: np.ndarray) -> np.ndarray:
+            return self.embed(self.state.variables(), images)
+
+        embed_fn.process_count = self.embed.process_count
+        return embed_fn
 
     def validate(self, split: Split) -> evaluate.EvaluationResult:
         """Recalls on `split` with the current params: hard_resize, flat index, no PCA (as the

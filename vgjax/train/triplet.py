@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vgjax import embed, evaluate
 from vgjax.data import augment, packed, pipeline
@@ -178,6 +179,9 @@ class Triplet(Method):
         queries, _ = embed.embed_images(run.embed_fn, query_paths, transform, batch,
                                            desc="caching queries", loader=self.loader)
         self.tuples = mining.select_triplets(plan, self.queries, queries, database, config.mining.negs_num_per_query)
+        if jax.process_count() > 1:  # every process must train on the same tuples
+            multihost_utils.assert_equal(self.tuples, "the processes mined different tuples (their datasets "
+                                                      "or configs differ?)")
         if config.mining.mining == "full":
             self.neg_cache = mining.update_neg_cache(self.neg_cache, plan, self.tuples)
         progress.method["rng_state"] = rng.bit_generator.state
