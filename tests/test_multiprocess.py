@@ -4,6 +4,7 @@ devices. The README's multi-process recipe is what these tests run."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -98,6 +99,14 @@ def test_two_processes_train_as_one_process_with_two_devices(tmp_path):
     assert "Wrote" in outputs[0].stdout and "Wrote" not in outputs[1].stdout
     assert sum(1 for line in (tmp_path / "two" / "log.txt").read_text().splitlines() if line.startswith("=====")) == 1
     assert "mesh {'data': 2}, 2 process(es)" in outputs[0].stdout + outputs[1].stdout
+
+    # Evaluating across the two processes: each embeds its share, both get every descriptor.
+    evaluation = _two_processes(tmp_path / "one", datasets, "--mode=eval")
+    printed = [re.findall(r"R@(\d+): ([\d.]+)", next(line for line in out.stdout.splitlines()
+                                                      if line.startswith("Recalls on"))) for out in evaluation]
+    assert printed[0] == printed[1]
+    assert {f"R@{n}": float(value) for n, value in printed[0]} == {
+        key: round(value, 1) for key, value in results[0]["test"].items()}  # printed with one decimal
 
     # The 2-device checkpoint resumes in one process with one device, for a second epoch.
     out = subprocess.run(_command(tmp_path / "two", datasets, *TRIPLET[1:], "--config.train.epochs_num=2"),

@@ -71,12 +71,18 @@ def _embed_across_processes(jitted, variables: dict, images: np.ndarray, mesh: M
     return out.reshape(processes, padded, *out.shape[1:])[:, :rows].reshape(processes * rows, *out.shape[1:])
 
 
-def make_embed_fn(model: GeoLocalizationNet, variables: dict) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 [B, H, W, 3] -> float32 numpy [B, D] with fixed `variables`, over this process's
-    devices (so each process may embed its own images independently)."""
-    mesh = Mesh(np.asarray(jax.local_devices()), (sharding.DATA_AXIS,))
+def make_embed_fn(model: GeoLocalizationNet, variables: dict, mesh: Mesh | None = None) -> EmbedFn:
+    """uint8 [B, H, W, 3] -> float32 numpy [B, D] with fixed `variables`, over `mesh`: by
+    default this process's devices (so each process may embed its own images independently);
+    over a mesh of several processes, every process calls it together (make_sharded_embed_fn)."""
+    mesh = mesh or Mesh(np.asarray(jax.local_devices()), (sharding.DATA_AXIS,))
     embed, variables = make_sharded_embed_fn(model, mesh), sharding.replicate(variables, mesh)
-    return lambda images: embed(variables, images)
+
+    def embed_fn(images: np.ndarray) -> np.ndarray:
+        return embed(variables, images)
+
+    embed_fn.process_count = embed.process_count
+    return embed_fn
 
 
 def make_features_fn(model: GeoLocalizationNet, variables: dict) -> Callable[[np.ndarray], np.ndarray]:

@@ -120,11 +120,12 @@ def _check_same_architecture(config: ml_collections.ConfigDict, workdir: Path) -
 
 
 def build_embed_fn(config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
-    """An embed function (uint8 [B, H, W, 3] -> [B, D]) for config.model at config.data.resize."""
+    """An embed function (uint8 [B, H, W, 3] -> [B, D]) for config.model at config.data.resize, over
+    every device of every process."""
     if config.model.backbone in baselines.NAMES:
         return baselines.tiny_image_embed()
     model, variables = pretrained.build_and_load(config.model, tuple(config.data.resize), config.seed)
-    return embed.make_embed_fn(model, variables)
+    return embed.make_embed_fn(model, variables, sharding.make_mesh())
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -203,7 +204,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                                                                keep_defaults=True)
         config = config.copy_and_resolve_references()
         config.model = model_config
-        embed_fn = embed.make_embed_fn(model, variables)
+        embed_fn = embed.make_embed_fn(model, variables, sharding.make_mesh())
     splits = {name: _eval_split(config, name) for name in eval_run.dataset_names(config)}
     if run is None:
         embed_fn = build_embed_fn(config)
@@ -211,9 +212,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     for name, split in splits.items():
         folder = _eval_folder(config, workdir, in_run, name, len(splits) > 1)
         results[name] = eval_run.evaluate_split(config, embed_fn, split, folder, pca=pca)
-        if in_run:
+        if in_run and sharding.is_main_process():
             _write_run_evaluation(config, workdir, network, split, name, results[name])
-    _write_table(config, workdir / "eval" if in_run else workdir, network, results)
+    if sharding.is_main_process():
+        _write_table(config, workdir / "eval" if in_run else workdir, network, results)
     datasets = {name: {"split": str(split.folder), "num_database": split.num_database,
                        "num_queries": split.num_queries, "results": results[name]} for name, split in splits.items()}
     summary = {**next(iter(datasets.values())), "backbone": config.model.backbone, "datasets": datasets}
