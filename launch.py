@@ -92,9 +92,16 @@ def main(argv):
     if _COMPILATION_CACHE.value:
         runtime.enable_compilation_cache()
     if _CONFIG.value.train.distributed:  # first, to know whether this process writes log.txt
-        sharding.initialize_distributed(sharding.distributed_settings(_CONFIG.value.train))
-    with logs.RunLog(_WORKDIR.value) if sharding.is_main_process() else contextlib.nullcontext():
-        experiment.run(_CONFIG.value, _WORKDIR.value, mode)
+        sharding.initialize_distributed(_CONFIG.value.train)
+    try:
+        with logs.RunLog(_WORKDIR.value) if sharding.is_main_process() else contextlib.nullcontext():
+            experiment.run(_CONFIG.value, _WORKDIR.value, mode)
+    except Exception:
+        if _CONFIG.value.train.distributed:
+            print(f"{sys.argv[0]}: process {sharding.process_description()} stopped on the error above; if "
+                  "another process died first, relaunch every process: training resumes from the last "
+                  "checkpoint", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Multi-process training for real: two processes on this machine, joined by jax.distributed on
 loopback (gloo collectives between CPU processes), against one process with the same two
-devices. The README's multi-process recipe is what these tests run."""
+devices, through a SIGKILL of one process and a relaunch; then an evaluation across both
+processes and a resume on one device. The README's multi-process recipe is what they run."""
 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -48,13 +51,16 @@ def _one_process(workdir: Path, datasets: Path, *options: str) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def _two_processes(workdir: Path, datasets: Path, *options: str) -> list[subprocess.CompletedProcess]:
+def _start_two_processes(workdir: Path, datasets: Path, *options: str) -> list[subprocess.Popen]:
     """Both processes of one run, launched the README's way (environment variables)."""
     address = f"127.0.0.1:{_free_port()}"
-    processes = [subprocess.Popen(
+    return [subprocess.Popen(
         _command(workdir, datasets, "--config.train.distributed=True", *options), cwd=REPO,
         env=_environment(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+
+
+def _finish(processes: list[subprocess.Popen], expect_success: bool = True) -> list[subprocess.CompletedProcess]:
     outputs = []
     for process in processes:
         try:
@@ -65,8 +71,23 @@ def _two_processes(workdir: Path, datasets: Path, *options: str) -> list[subproc
             raise
         outputs.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
     for rank, out in enumerate(outputs):
-        assert out.returncode == 0, f"process {rank}:\n{out.stderr[-3000:]}"
+        assert not expect_success or out.returncode == 0, f"process {rank}:\n{out.stderr[-3000:]}"
     return outputs
+
+
+def _two_processes(workdir: Path, datasets: Path, *options: str) -> list[subprocess.CompletedProcess]:
+    return _finish(_start_two_processes(workdir, datasets, *options))
+
+
+def _kill_after_first_checkpoint(workdir: Path, processes: list[subprocess.Popen], rank: int) -> None:
+    """SIGKILL for process `rank` once the run has committed a checkpoint."""
+    deadline = time.monotonic() + TIMEOUT
+    while not any((folder / "commit_success.txt").exists()
+                  for folder in (workdir / "checkpoints").glob("[0-9]*")):
+        assert all(process.poll() is None for process in processes), "a process ended before any checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    processes[rank].send_signal(signal.SIGKILL)
 
 
 def _final_state(workdir: Path) -> dict:
@@ -80,10 +101,19 @@ def _final_state(workdir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_process_with_two_devices(tmp_path):
+def test_two_processes_killed_and_relaunched_train_as_one_process_with_two_devices(tmp_path):
     datasets = tmp_path / "datasets"
     _one_process(tmp_path / "one", datasets, *TRIPLET)  # also renders the dataset both runs use
+    # Two processes, one of them killed after the first checkpoint: the other stops within the
+    # heartbeat timeout (10 s) and says to relaunch; relaunched, both resume and finish.
+    processes = _start_two_processes(tmp_path / "two", datasets, *TRIPLET, "--config.train.heartbeat_timeout_seconds=10")
+    _kill_after_first_checkpoint(tmp_path / "two", processes, rank=1)
+    killed_at = time.monotonic()
+    survivor = _finish(processes, expect_success=False)[0]
+    assert survivor.returncode != 0 and time.monotonic() - killed_at < 60
+    assert "process 0 of 2 stopped" in survivor.stderr and "relaunch every process" in survivor.stderr
     outputs = _two_processes(tmp_path / "two", datasets, *TRIPLET)
+    assert "Resuming" in outputs[0].stdout
 
     one, two = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
     assert int(one["step"]) == int(two["step"]) == 8
@@ -97,7 +127,8 @@ def test_two_processes_train_as_one_process_with_two_devices(tmp_path):
     assert abs(results[0]["test"]["R@1"] - results[1]["test"]["R@1"]) <= 10.0  # 20 test queries: 5% each
     # Only process 0 writes the run's files; process 1 says what it did on its own console.
     assert "Wrote" in outputs[0].stdout and "Wrote" not in outputs[1].stdout
-    assert sum(1 for line in (tmp_path / "two" / "log.txt").read_text().splitlines() if line.startswith("=====")) == 1
+    assert sum(1 for line in (tmp_path / "two" / "log.txt").read_text().splitlines()
+               if line.startswith("=====")) == 2  # process 0's two launches
     assert "mesh {'data': 2}, 2 process(es)" in outputs[0].stdout + outputs[1].stdout
 
     # Evaluating across the two processes: each embeds its share, both get every descriptor.

@@ -61,7 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     if mode == "print_config":
         return print_config(config)
     if config.train.distributed:  # before anything starts jax's backend
-        sharding.initialize_distributed(sharding.distributed_settings(config.train))
+        sharding.initialize_distributed(config.train)
     workdir = Path(workdir)
     trained_here = checkpoint.run_folder(workdir) is not None
     if trained_here and mode in ("train", "train_cosplace"):

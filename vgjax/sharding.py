@@ -5,7 +5,7 @@ replicated; `jax.jit` inserts the all-reduces, so the same code runs on 1 CPU, 8
 hosts. BatchNorm statistics are means over the *global* batch, exactly as on one device.
 
 Multi-process (several hosts, or several processes on one machine): `initialize_distributed`
-first, with `distributed_settings(config.train)`. Then every process runs the same program;
+first, with config.train. Then every process runs the same program;
 each passes its own rows of a global batch to `shard_batch`, and results every process needs
 come back whole through `gather` (jax.experimental.multihost_utils.process_allgather). Only
 the main process (`is_main_process`) writes a run's files.
@@ -63,14 +63,20 @@ def distributed_settings(train_config) -> dict:
     return settings
 
 
-def initialize_distributed(settings: dict) -> None:
-    """jax.distributed.initialize(**settings) (from `distributed_settings`; {}: JAX's own
-    cluster detection), once per process. On CPU, collectives between processes go through
-    gloo."""
+def initialize_distributed(train_config) -> None:
+    """jax.distributed.initialize with `distributed_settings(train_config)` ({}: JAX's own
+    cluster detection) and train.heartbeat_timeout_seconds (after which the others stop when a
+    process died), once per process. On CPU, collectives between processes go through gloo."""
     if jax.distributed.is_initialized():  # launch.py initializes before experiment.run
         return
+    settings = distributed_settings(train_config)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**settings)
+    jax.distributed.initialize(**settings, heartbeat_timeout_seconds=int(train_config.heartbeat_timeout_seconds))
+
+
+def process_description() -> str:
+    """"i of n": this process among all."""
+    return f"{jax.process_index()} of {jax.process_count()}"
 
 
 def is_main_process() -> bool:

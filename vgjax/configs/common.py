@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
         coordinator_address=config_dict.placeholder(str),  # "host:port" of process 0
         num_processes=config_dict.placeholder(int),
         process_id=config_dict.placeholder(int),
+        heartbeat_timeout_seconds=100,  # a process silent this long counts as dead: the others stop
         # Augmentations (triplet: the queries only, benchmark order; CosPlace: every image,
         # colour jitter in a random order per image).
         brightness=0.0,

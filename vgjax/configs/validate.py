@@ -56,7 +56,7 @@ _IGNORED = {
     "demo": ("cosplace.", "eval.datasets"),
 }
 _READ_BY_EVERY_MODE = ("train.distributed", "train.coordinator_address", "train.num_processes",
-                       "train.process_id")
+                       "train.process_id", "train.heartbeat_timeout_seconds")
 
 
 class ConfigError(ValueError):
@@ -228,11 +228,14 @@ def _check_distributed(config) -> list[str]:
     """The multi-process settings, when train.distributed is on."""
     if not config.train.distributed:
         return []
+    problems = []
     try:
         sharding.distributed_settings(config.train)
     except ValueError as error:
-        return [str(error)]
-    return []
+        problems.append(str(error))
+    if config.train.heartbeat_timeout_seconds < 1:
+        problems.append(f"train.heartbeat_timeout_seconds={config.train.heartbeat_timeout_seconds}: must be at least 1")
+    return problems
 
 
 def _check_training(config) -> list[str]:
