@@ -5,10 +5,10 @@ replicated; `jax.jit` inserts the all-reduces, so the same code runs on 1 CPU, 8
 hosts. BatchNorm statistics are means over the *global* batch, exactly as on one device.
 
 Multi-process (several hosts, or several processes on one machine): `initialize_distributed`
-first, with config.train. Then every process runs the same program;
-each passes its own rows of a global batch to `shard_batch`, and results every process needs
-come back whole through `gather` (jax.experimental.multihost_utils.process_allgather). Only
-the main process (`is_main_process`) writes a run's files.
+(config.train) first. Then every process runs the same program; each passes its own rows of a
+global batch to `shard_batch`, and results every process needs come back whole through
+`gather` (jax.experimental.multihost_utils.process_allgather). Only the main process
+(`is_main_process`) writes a run's files.
 """
 
 from __future__ import annotations

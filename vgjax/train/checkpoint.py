@@ -107,8 +107,8 @@ class Checkpoints:
 
         `target` is a pytree of the same structure as saved (e.g. the freshly initialised state);
         restored arrays take its shapes, dtypes and shardings (None: as saved, on this
-        process's first device). A checkpoint restores onto any number of devices and processes. meta includes "best_step"; "best"
-        is None while no save was marked best. Folders skipped are reported on stderr;
+        process's first device), so a checkpoint restores onto any number of devices and
+        processes. meta includes "best_step"; "best" is None while no save was marked best. Folders skipped are reported on stderr;
         CheckpointError if step folders exist but none restores, or if the best one does not.
         """
         if which not in ("last", "best"):
