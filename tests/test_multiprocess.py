@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+from run_checkpoints import last_checkpoint
 from vgjax import sharding
-from vgjax.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
@@ -91,13 +91,7 @@ def _kill_after_first_checkpoint(workdir: Path, processes: list[subprocess.Popen
 
 
 def _final_state(workdir: Path) -> dict:
-    """The last checkpoint's training state, as numpy (read on this process's one device)."""
-    checkpoints = checkpoint.Checkpoints(workdir / checkpoint.CHECKPOINT_FOLDER)
-    try:
-        items, _, _ = checkpoints.restore(None, "last")
-    finally:
-        checkpoints.close()
-    return jax.device_get(items["train"])
+    return last_checkpoint(workdir)["train"]
 
 
 @pytest.mark.slow

@@ -14,13 +14,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import safetensors.torch
 import torch
 from PIL import Image
 
 from configs import smoke_train
+from run_checkpoints import last_checkpoint
 from test_models import torch_network
 from vgjax import embed, evaluate, models
 from vgjax.configs import common
@@ -183,7 +183,7 @@ def _steps(workdir) -> list[int]:
 
 
 def _final_state(workdir):
-    return ocp.PyTreeCheckpointer().restore(f"{workdir}/checkpoints/{_steps(workdir)[-1]}/state")["train"]
+    return last_checkpoint(workdir)["train"]
 
 
 def _assert_same_run(straight, other):

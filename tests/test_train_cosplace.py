@@ -11,10 +11,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import smoke_cosplace
+from run_checkpoints import last_checkpoint
 from vgjax.data import cosplace_groups, synthetic
 from vgjax.models import geoloc_net
 from vgjax.train import cosplace as train_cosplace, losses, state as train_state
@@ -81,8 +81,6 @@ def _steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in Path(workdir, "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _final(workdir):
-    return ocp.PyTreeCheckpointer().restore(f"{workdir}/checkpoints/{_steps(workdir)[-1]}/state")
 
 
 @pytest.mark.slow
@@ -106,7 +104,7 @@ def test_cosplace_end_to_end_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from epoch 2, round 1/1, batch 2 (step 6), best R@1" in resumed.stdout
     assert "RANDOM weights" not in resumed.stdout + resumed.stderr
-    a, b = _final(tmp_path / "straight"), _final(workdir)
+    a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(workdir)
     assert int(a["train"]["step"]) == int(b["train"]["step"]) == 8
     jax.tree.map(np.testing.assert_array_equal, (a["train"]["trainable"], a["classifiers"]),
                  (b["train"]["trainable"], b["classifiers"]))
