@@ -37,9 +37,7 @@ import os
 import shutil
 from pathlib import Path
 
-import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
 from vgjax import baselines, demo, embed, eval_run, eval_table, profiling, sharding
 from vgjax import evaluate as evaluate_lib
@@ -84,11 +82,10 @@ def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) 
     first while the others wait, then they prepare theirs (finding it there on a shared disk,
     rendering the same dataset on their own host's otherwise).
     """
-    if jax.process_count() > 1:
-        if sharding.is_main_process():
-            _prepare_dataset(config, splits)
-        multihost_utils.sync_global_devices("vgjax-dataset-prepared")
-    return _prepare_dataset(config, splits)
+    if sharding.is_main_process():
+        path = _prepare_dataset(config, splits)
+    sharding.barrier("vgjax-dataset-prepared")
+    return path if sharding.is_main_process() else _prepare_dataset(config, splits)
 
 
 def _prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> Path:

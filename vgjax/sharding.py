@@ -84,6 +84,12 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def make_mesh() -> Mesh:
     """A 1-D mesh over every device of every process."""
     return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))

@@ -86,6 +86,14 @@ def _resize_for_training(image: np.ndarray, size: tuple[int, int]) -> np.ndarray
     return image_ops.resize_pil_bilinear(image, size)
 
 
+def process_share(rows: Sequence, per_batch: int, batch: int, process_index: int, process_count: int) -> Sequence:
+    """Process `process_index`'s contiguous share (per_batch / process_count rows) of global
+    batch `batch` of `rows`, taken per_batch at a time: what each process loads of a batch."""
+    local = per_batch // process_count
+    start = batch * per_batch + process_index * local
+    return rows[start:start + local]
+
+
 def triplet_batches(tuples: Sequence[Sequence[str]], tuples_per_batch: int, image_size: tuple[int, int],
                     *, start_batch: int = 0, process_index: int = 0, process_count: int = 1,
                     num_threads: int = 2, prefetch: int = 2,
@@ -109,7 +117,7 @@ def triplet_batches(tuples: Sequence[Sequence[str]], tuples_per_batch: int, imag
     num_batches = len(tuples) // tuples_per_batch
     paths = [path
              for batch in range(start_batch, num_batches)
-             for tuple_paths in tuples[batch * tuples_per_batch + process_index * local:][:local]
+             for tuple_paths in process_share(tuples, tuples_per_batch, batch, process_index, process_count)
              for path in tuple_paths]
     if not paths:
         return

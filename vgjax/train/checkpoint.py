@@ -48,7 +48,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
 from vgjax import sharding
 from vgjax.train.state import merge_params
@@ -216,7 +215,7 @@ class Checkpoints:
         With several processes, every process calls it with the same folders, the main one
         deletes, and all wait for each other before (every process has listed the folders)
         and after (none lists them half-deleted)."""
-        _barrier("vgjax-checkpoint-delete-start")
+        sharding.barrier("vgjax-checkpoint-delete-start")
         for folder in folders if sharding.is_main_process() else []:
             try:
                 if folder.is_dir() and not folder.is_symlink():
@@ -226,16 +225,10 @@ class Checkpoints:
                     folder.unlink()
             except OSError as error:
                 raise CheckpointError(f"deleting {folder} failed: {_describe(error)}") from error
-        _barrier("vgjax-checkpoint-delete-end")
+        sharding.barrier("vgjax-checkpoint-delete-end")
         self._damaged.difference_update(folders)
         if folders:
             self._manager.reload()
-
-
-def _barrier(name: str) -> None:
-    """Waits for every process (nothing with one)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _abstract(folder: Path, target: Any) -> Any:

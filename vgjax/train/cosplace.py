@@ -145,14 +145,13 @@ class CosPlace(Method):
         batch_size = self.config.train.train_batch_size
         paths, labels = epoch_samples(self.partition, self._group(progress), seed=self.config.seed,
                                       epoch=progress.epoch, steps=self.batches_per_round(), batch_size=batch_size)
-        index, count = jax.process_index(), jax.process_count()
-        local = batch_size // count  # each process loads its contiguous share of every batch
+        index, count = jax.process_index(), jax.process_count()  # each loads its share of a batch
         images = pipeline.triplet_batches(  # single-image "tuples"
             [[str(self.train_folder / p)] for p in paths], batch_size, self.run.image_size,
             start_batch=progress.batch, process_index=index, process_count=count,
             num_threads=self.config.data.num_workers)
         for step, batch in enumerate(images, start=progress.batch):
-            yield {"images": batch, "labels": labels[step * batch_size + index * local:][:local]}
+            yield {"images": batch, "labels": pipeline.process_share(labels, batch_size, step, index, count)}
 
     def head(self, progress: Progress) -> Head:
         return sharding.replicate(self.classifiers[self._group(progress)], self.run.mesh)
