@@ -1,11 +1,13 @@
 """Multi-process training for real: two processes on this machine, joined by jax.distributed on
 loopback (gloo collectives between CPU processes), against one process with the same two
 devices, through a SIGKILL of one process and a relaunch; then an evaluation across both
-processes and a resume on one device. The README's multi-process recipe is what they run."""
+processes and a resume on one device; CosPlace resumed from one device by one process with two
+devices and by two processes. The README's multi-process recipe is what they run."""
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,22 +42,25 @@ def _environment(devices: int, **extra: str) -> dict:
     return {**environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
 
 
-def _command(workdir: Path, datasets: Path, *options: str) -> list[str]:
-    return [sys.executable, "launch.py", "--config=configs/smoke_train.py", f"--workdir={workdir}",
+def _command(workdir: Path, datasets: Path, *options: str, config: str = "smoke_train") -> list[str]:
+    return [sys.executable, "launch.py", f"--config=configs/{config}.py", f"--workdir={workdir}",
             f"--config.data.datasets_folder={datasets}", "--nocompilation_cache", *options]
 
 
-def _one_process(workdir: Path, datasets: Path, *options: str) -> None:
-    out = subprocess.run(_command(workdir, datasets, *options), cwd=REPO, env=_environment(2),
-                         capture_output=True, text=True, timeout=TIMEOUT)
+def _one_process(workdir: Path, datasets: Path, *options: str, devices: int = 2,
+                 config: str = "smoke_train") -> subprocess.CompletedProcess:
+    out = subprocess.run(_command(workdir, datasets, *options, config=config), cwd=REPO,
+                         env=_environment(devices), capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
 
 
-def _start_two_processes(workdir: Path, datasets: Path, *options: str) -> list[subprocess.Popen]:
+def _start_two_processes(workdir: Path, datasets: Path, *options: str,
+                         config: str = "smoke_train") -> list[subprocess.Popen]:
     """Both processes of one run, launched the README's way (environment variables)."""
     address = f"127.0.0.1:{_free_port()}"
     return [subprocess.Popen(
-        _command(workdir, datasets, "--config.train.distributed=True", *options), cwd=REPO,
+        _command(workdir, datasets, "--config.train.distributed=True", *options, config=config), cwd=REPO,
         env=_environment(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
 
@@ -75,8 +80,9 @@ def _finish(processes: list[subprocess.Popen], expect_success: bool = True) -> l
     return outputs
 
 
-def _two_processes(workdir: Path, datasets: Path, *options: str) -> list[subprocess.CompletedProcess]:
-    return _finish(_start_two_processes(workdir, datasets, *options))
+def _two_processes(workdir: Path, datasets: Path, *options: str,
+                   config: str = "smoke_train") -> list[subprocess.CompletedProcess]:
+    return _finish(_start_two_processes(workdir, datasets, *options, config=config))
 
 
 def _kill_after_first_checkpoint(workdir: Path, processes: list[subprocess.Popen], rank: int) -> None:
@@ -134,11 +140,30 @@ def test_two_processes_killed_and_relaunched_train_as_one_process_with_two_devic
         key: round(value, 1) for key, value in results[0]["test"].items()}  # printed with one decimal
 
     # The 2-device checkpoint resumes in one process with one device, for a second epoch.
-    out = subprocess.run(_command(tmp_path / "two", datasets, *TRIPLET[1:], "--config.train.epochs_num=2"),
-                         cwd=REPO, env=_environment(1), capture_output=True, text=True, timeout=TIMEOUT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _one_process(tmp_path / "two", datasets, *TRIPLET[1:], "--config.train.epochs_num=2", devices=1)
     assert "Resuming" in out.stdout and "different topology" not in out.stderr
     assert int(_final_state(tmp_path / "two")["step"]) == 16
+
+
+@pytest.mark.slow
+def test_cosplace_resumed_from_one_device_by_two_processes_trains_as_one_process_with_two_devices(tmp_path):
+    datasets = tmp_path / "datasets"
+    # Epoch 1 on one device; epoch 2 resumed from that checkpoint twice: in one process with two
+    # devices, and in two processes with one device each.
+    _one_process(tmp_path / "one", datasets, "--config.train.epochs_num=1", devices=1, config="smoke_cosplace")
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    resumed = [_one_process(tmp_path / "one", datasets, config="smoke_cosplace"),
+               *_two_processes(tmp_path / "two", datasets, config="smoke_cosplace")]
+    assert all("Resuming from epoch 2" in out.stdout and "different topology" not in out.stderr for out in resumed)
+    assert "mesh {'data': 2}, 2 process(es)" in resumed[1].stdout
+
+    one, two = last_checkpoint(tmp_path / "one"), last_checkpoint(tmp_path / "two")
+    assert int(one["train"]["step"]) == int(two["train"]["step"]) == 8
+    # Group 2's batches were split between the processes; the tolerance is the triplet test's.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=3e-4, rtol=1e-3),
+                 (one["train"]["trainable"], one["classifiers"]), (two["train"]["trainable"], two["classifiers"]))
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")]
+    assert results[0]["groups"] == results[1]["groups"] and results[0]["steps"] == results[1]["steps"]
 
 
 @pytest.mark.parametrize("train, message", [
@@ -182,3 +207,18 @@ def test_process_rows_cover_every_row_once_in_order(num, batch, processes):
         for q, count in enumerate(counts):
             gathered += shares[q][0][g * local:g * local + count]
     assert gathered == list(range(num))
+
+
+def test_without_settings_jax_detects_the_cluster(monkeypatch):
+    """No address, count or id: jax.distributed.initialize gets none of them (SLURM/TPU
+    detection), only the heartbeat timeout."""
+    from vgjax.configs import common
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    config = common.get_config()
+    config.train.distributed = True
+    sharding.initialize_distributed(config.train)
+    assert calls == [{"heartbeat_timeout_seconds": 100}]
