@@ -180,7 +180,7 @@ def test_fetch_rejects_a_wrong_hash_and_keeps_nothing(tmp_path, monkeypatch):
     source = _hashed_file(tmp_path)
     tampered = source.with_name("net-00000000.pth")
     source.rename(tampered)
-    with pytest.raises(WeightImportError, match="does not match the name's 00000000"):
+    with pytest.raises(WeightImportError, match="does not match the expected 00000000"):
         weights_cache.fetch(tampered.as_uri(), offline=False)
     assert not list((tmp_path / "cache" / "weights").iterdir())
 

@@ -1,10 +1,14 @@
 """Networks: the backbone registry, backbones, aggregations, the full geo-localization model,
-NetVLAD initialisation, weight import with its download cache, and export (`export`).
+NetVLAD initialisation, weight import with its download cache, export, and the front door
+(`zoo`):
 
-`load(path)` turns a vgjax model file (written by `--mode export`, `export.save`) into
-(network, variables, image size, embed function). vgjax.embed, which sits above this package, is
-imported only inside `load`."""
+  network, variables, image_size, embed_fn = vgjax.models.load("cosplace_resnet50_2048")
 
-from vgjax.models.export import LoadedModel, load
+`load(name or path)`, `build(partial model config)` and `available()` (the zoo's names) are
+vgjax.models.zoo's; vgjax.embed, which sits above this package, is imported only when a network
+is loaded."""
 
-__all__ = ["LoadedModel", "load"]
+from vgjax.models.export import LoadedModel
+from vgjax.models.zoo import ZooEntry, available, build, load
+
+__all__ = ["LoadedModel", "ZooEntry", "available", "build", "load"]

@@ -104,15 +104,17 @@ def save(path: str | os.PathLike, model_config: ml_collections.ConfigDict, varia
     write_safetensors(path, _flatten(variables), metadata)
 
 
-def load(path: str | os.PathLike) -> LoadedModel:
+def load(path: str | os.PathLike, *, image_size: tuple[int, int] | None = None) -> LoadedModel:
     """(network, variables, image size (H, W), embed function) from a vgjax model file, with no
-    config file. A file that is not one, of another format version, with bad metadata, or whose
-    tensors are not exactly the network's (names and shapes) raises WeightImportError naming it."""
+    config file; at `image_size` when given, else the file's. A file that is not one, of another
+    format version, with bad metadata, or whose tensors are not exactly the network's (names and
+    shapes) raises WeightImportError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vgjax model file {path} does not exist")
     tensors, metadata = read_safetensors(path)
-    model_config, image_size = _read_metadata(path, metadata)
+    model_config, saved_size = _read_metadata(path, metadata)
+    image_size = tuple(int(n) for n in image_size) if image_size else saved_size
     try:
         network = geoloc_net.build(model_config, image_size)
         target = geoloc_net.variable_shapes(network, image_size)

@@ -212,7 +212,7 @@ def check_pretrain(model_config: ml_collections.ConfigDict) -> None:
     pretrain, backbone = model_config.pretrain, model_config.backbone
     if pretrain == "places365" and not backbone.startswith("resnet18"):
         raise ValueError(f"model.pretrain=places365 is a ResNet-18; got backbone {backbone}")
-    if pretrain == "imagenet" and _torchvision_arch(backbone) not in TORCHVISION_URLS:
+    if pretrain == "imagenet" and torchvision_arch(backbone) not in TORCHVISION_URLS:
         raise ValueError(f"model.pretrain=imagenet is available for {sorted(TORCHVISION_URLS)}; for "
                          f"{backbone} pass a local weights file as model.pretrain")
     if pretrain not in PRETRAIN_NAMES + RANDOM_INIT and not Path(pretrain).is_file():
@@ -221,7 +221,7 @@ def check_pretrain(model_config: ml_collections.ConfigDict) -> None:
                                 "and pass the file)")
 
 
-def _torchvision_arch(backbone: str) -> str:
+def torchvision_arch(backbone: str) -> str:
     return re.sub(r"conv[45]$", "", backbone)
 
 
@@ -236,7 +236,7 @@ def pretrained_backbone_file(model_config: ml_collections.ConfigDict) -> Path | 
     if pretrain == "places365":
         return places365.resnet18_file()
     if pretrain == "imagenet":
-        return fetch(TORCHVISION_URLS[_torchvision_arch(model_config.backbone)])
+        return fetch(TORCHVISION_URLS[torchvision_arch(model_config.backbone)])
     return Path(pretrain)
 
 

