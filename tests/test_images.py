@@ -105,3 +105,20 @@ def test_load_rgb_refuses_a_decompression_bomb_naming_the_file(tmp_path, monkeyp
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's own, before ours
         with pytest.raises(OSError, match=r"^cannot read image .*bomb.png: .*exceeds .*decompression bomb"):
             images.load_rgb(tmp_path / "bomb.png")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with orientation 6 (rotate 90 degrees clockwise to view)
+    loads upright, as portrait, whatever its type."""
+    stored = np.zeros((10, 20, 3), np.uint8)
+    stored[:, :5] = 255  # the left band of the stored image becomes the top band
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[images.EXIF_ORIENTATION] = 6
+    for name in ("photo.jpg", "photo.png"):
+        image.save(tmp_path / name, exif=exif)
+        upright = images.load_rgb(tmp_path / name)
+        assert upright.shape == (20, 10, 3)
+        assert upright[:4].mean() > 200 and upright[6:].mean() < 50
+    Image.fromarray(stored).save(tmp_path / "plain.png")
+    np.testing.assert_array_equal(images.load_rgb(tmp_path / "plain.png"), stored)

@@ -76,7 +76,7 @@ def test_parse_uses_the_file_name_not_the_path():
 @pytest.mark.parametrize("name, message", [
     ("photo.jpg", "14 @-separated fields"),
     ("@1@2@.jpg", "got 2 fields"),
-    ("@1@2@@@@@@@@@@@@@.png", "14 @-separated fields"),
+    ("@1@2@@@@@@@@@@@@@.gif", "14 @-separated fields"),
     ("@abc@2@@@@@@@@@@@@@.jpg", "field 'east' must be a number, got 'abc'"),
     ("@1@2@@@@@@@x@@@@@@.jpg", "field 'heading' must be a number"),
     ("@@2@@@@@@@@@@@@@.jpg", "UTM east must be a finite number below 2..53 in magnitude, got ''"),

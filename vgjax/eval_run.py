@@ -5,8 +5,9 @@ A network, given as an embed function, is tested on a split with every test meth
 eval.test_method (one, a comma-separated list, or "all"), with eval.pca_dim (PCA fitted on
 eval.pca_dataset_folder) and eval.index / eval.index_params. The split's database is embedded
 once and reused by every test method. On request each method's pictures
-(eval.num_preds_to_save) and descriptors (eval.save_descriptors) are written to
-<out_dir>/predictions/<method> and <out_dir>/descriptors/<method>.
+(eval.num_preds_to_save) and predictions.csv (eval.save_predictions, and always for a split
+without labels) are written to <out_dir>/predictions/<method>, its descriptors
+(eval.save_descriptors) to <out_dir>/descriptors/<method>.
 
 Also here: the datasets folder and the names eval.datasets gives (the datasets --mode eval
 tests), and the file-name suffix of PCA and index options.
@@ -99,7 +100,8 @@ def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn
             pca=pca, num_threads=config.data.num_workers, database_descriptors=database,
             keep_descriptors=True)
         database = result.database_descriptors
-        print(f"Recalls on {split.folder} ({method}): {result}", flush=True)
+        if split.has_labels:
+            print(f"Recalls on {split.folder} ({method}): {result}", flush=True)
         if sharding.is_main_process():
             _save_outputs(config, split, result, out_dir, f"{title}, {method}" if title else method)
         results[method] = {"recalls": {f"R@{n}": r for n, r in result.recalls.items()},
@@ -112,6 +114,10 @@ def _save_outputs(config: ml_collections.ConfigDict, split: Split, result: evalu
                   out_dir: Path, title: str) -> None:
     """The pictures and descriptors config.eval asks for, of one test method's result."""
     method = result.test_method
+    if config.eval.save_predictions or not split.has_labels:
+        path = evaluate.write_predictions_csv(out_dir / "predictions" / method / "predictions.csv", split,
+                                              result.predictions, result.distances)
+        print(f"Wrote {path}")
     if config.eval.num_preds_to_save > 0:
         visualize.save_evaluation_pictures(out_dir / "predictions" / method, split, result.predictions,
                                            result.recalls, config.eval, title=title)

@@ -354,6 +354,42 @@ def export_descriptors(out_dir: str | os.PathLike, split: Split, database_descri
     return files
 
 
+def _coordinate(value: float, decimals: int) -> str:
+    return "" if np.isnan(value) else f"{value:.{decimals}f}"
+
+
+def write_predictions_csv(path: str | os.PathLike, split: Split, predictions: np.ndarray,
+                          distances: np.ndarray) -> Path:
+    """Writes one row per (query, rank) of the predictions, best first.
+
+    Columns: query (path), rank (1 = best), prediction (database path), distance (the index's:
+    squared L2 for the exact index, votes for maj_voting), the prediction's east, north (UTM,
+    metres), lat and lon when its name carries them (else empty); for a split with labels also
+    metres (from the query's position) and correct (1 when the prediction is a positive).
+    Ranks without a prediction (index -1) are left out.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields, utm = split.database_fields, split.database_utm
+    header = ["query", "rank", "prediction", "distance", "east", "north", "lat", "lon"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header + (["metres", "correct"] if split.has_labels else []))
+        for q, (row, scores) in enumerate(zip(np.asarray(predictions), np.asarray(distances))):
+            positives = set(split.positives[q].tolist()) if split.has_labels else set()
+            for rank, (p, score) in enumerate(zip(row.tolist(), scores.tolist()), start=1):
+                if p < 0:
+                    continue
+                line = [split.query_paths[q], rank, split.database_paths[p], f"{score:.6g}",
+                        _coordinate(utm[p, 0], 2), _coordinate(utm[p, 1], 2),
+                        _coordinate(fields["lat"][p], 6), _coordinate(fields["lon"][p], 6)]
+                if split.has_labels:
+                    metres = float(np.hypot(*(utm[p] - split.query_utm[q])))
+                    line += [f"{metres:.1f}", int(p in positives)]
+                writer.writerow(line)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # The entry point.
 
@@ -464,11 +500,12 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
       (model calls after the first, i.e. without compilation), extraction_first_batch_seconds,
       loading_and_extraction_seconds (wall), index_build_seconds, matching_ms_per_query (search
       and re-ranking), index_bytes. A split where no query has a positive gives a UserWarning
-      (every recall is 0).
+      (every recall is 0); a split without labels (Split.has_labels False) gets no recalls ({}).
     """
     _check_test_method(test_method)
     ns = _check_recall_values(recall_values)
-    _warn_without_positives(split)
+    if split.has_labels:
+        _warn_without_positives(split)
     raw_database, raw_queries, embed_timings = _embed_split(
         embed_fn, split, test_method, resize, batch_size, progress, num_threads, database_descriptors)
     database, queries = raw_database, raw_queries
@@ -485,7 +522,7 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
         "index_bytes": float(index.nbytes),
     }
     return EvaluationResult(
-        recalls=recall_at_n(predictions, split.positives, ns),
+        recalls=recall_at_n(predictions, split.positives, ns) if split.has_labels else {},
         predictions=predictions,
         distances=distances,
         timings=timings,

@@ -39,6 +39,7 @@ from vgjax.evaluate import first_correct_rank
 
 CORRECT_RGB = (0, 200, 0)
 WRONG_RGB = (220, 0, 0)
+PREDICTED_RGB = (0.15, 0.4, 0.9)  # matplotlib colour of predicted positions (no labels)
 EMPTY_RGB = (200, 200, 200)
 BACKGROUND_RGB = (255, 255, 255)
 
@@ -124,6 +125,17 @@ def top1_correct(split: Split, predictions: np.ndarray) -> np.ndarray:
     return first_correct_rank(predictions[:, :1], split.positives) == 0
 
 
+def prediction_label(split: Split, q: int, p: int, rank: int, positives: set[int]) -> str:
+    """"Pred2 ✓ 12 m" (a positive, 12 m from query q) or "Pred2 ✗ 37 m"; "Pred2" without
+    labels; "Pred2 - none" for no prediction (p < 0)."""
+    if p < 0:
+        return f"Pred{rank} - none"
+    if not split.has_labels:
+        return f"Pred{rank}"
+    metres = float(np.hypot(*(split.database_utm[p] - split.query_utm[q])))
+    return f"Pred{rank} {'✓' if p in positives else '✗'} {metres:.0f} m"
+
+
 def _write_paths(path: Path, query: str, predictions: Sequence[str | None],
                  positives: Sequence[str]) -> None:
     lines = ["query:", query, "", "predictions (best first):"]
@@ -140,7 +152,8 @@ def save_predictions(out_dir: str | os.PathLike, split: Split, predictions: np.n
 
     The image is one row: the query, then its first `num_preds` predictions framed green (a
     positive of the query) or red (not one), each on a white cell_size x cell_size square
-    under a label ("Query", "Pred1 - True", ...). The .txt lists the query path, the prediction
+    under a label ("Query", "Pred1 ✓ 12 m": a positive 12 m from the query, "Pred2 ✗ 37 m"; without
+    labels "Pred1", unframed). The .txt lists the query path, the prediction
     paths (best first) and the query's positive paths.
 
     Args:
@@ -173,10 +186,9 @@ def save_predictions(out_dir: str | os.PathLike, split: Split, predictions: np.n
         positives = set(split.positives[q].tolist())
         preds = predictions[q, :num_preds].tolist()
         pred_paths = [split.database_paths[p] if p >= 0 else None for p in preds]
-        labels = ["Query"] + [f"Pred{i} - {p in positives}" if p >= 0 else f"Pred{i} - none"
-                              for i, p in enumerate(preds, start=1)]
-        borders = [None] + [(CORRECT_RGB if p in positives else WRONG_RGB) if p >= 0 else None
-                            for p in preds]
+        labels = ["Query"] + [prediction_label(split, q, p, i, positives) for i, p in enumerate(preds, start=1)]
+        borders = [None] + [(CORRECT_RGB if p in positives else WRONG_RGB) if p >= 0 and split.has_labels
+                            else None for p in preds]
         row = _row_image([split.query_paths[q], *pred_paths], labels, borders, cell_size)
         image_path = folder / f"{q:03d}.jpg"
         row.save(image_path, quality=jpeg_quality)
@@ -267,18 +279,23 @@ def save_map(path: str | os.PathLike, split: Split, predictions: np.ndarray, *,
     figure = Figure(figsize=(7, 7), dpi=100, layout="constrained")
     axes = figure.add_subplot()
     axes.scatter(*split.database_utm.T, s=4, c="0.65", label=f"database ({split.num_database})")
-    for mask, colour, name in ((correct, CORRECT_RGB, "top-1 correct"),
-                               (~correct, WRONG_RGB, "top-1 wrong")):
-        axes.scatter(*split.query_utm[mask].T, s=24, color=np.array(colour) / 255,
-                     edgecolors="black", linewidths=0.4, label=f"query, {name} ({mask.sum()})")
+    if split.has_labels:
+        for mask, colour, name in ((correct, CORRECT_RGB, "top-1 correct"),
+                                   (~correct, WRONG_RGB, "top-1 wrong")):
+            axes.scatter(*split.query_utm[mask].T, s=24, color=np.array(colour) / 255,
+                         edgecolors="black", linewidths=0.4, label=f"query, {name} ({mask.sum()})")
+    else:
+        top1 = np.asarray(predictions)[:, 0]
+        axes.scatter(*split.database_utm[top1[top1 >= 0]].T, s=24, color=PREDICTED_RGB,
+                     edgecolors="black", linewidths=0.4, label=f"queries' predicted positions ({len(top1)})")
     axes.set_aspect("equal", adjustable="datalim")
     axes.ticklabel_format(useOffset=False, style="plain")
     axes.tick_params(axis="x", labelrotation=30)
     axes.set_xlabel("east (m)")
     axes.set_ylabel("north (m)")
     prefix = f"{title}: " if title else ""
-    axes.set_title(f"{prefix}{split.name}, R@1 = {recall_1:.1f}% "
-                   f"({int(correct.sum())}/{len(correct)} queries)")
+    axes.set_title(f"{prefix}{split.name}, R@1 = {recall_1:.1f}% ({int(correct.sum())}/{len(correct)} queries)"
+                   if split.has_labels else f"{prefix}{split.name}: top-1 predicted positions")
     figure.legend(loc="outside lower center", ncol=3, markerscale=1.5)
     return _save(figure, path)
 
@@ -291,20 +308,26 @@ def spread_indices(total: int, count: int) -> np.ndarray:
 def save_evaluation_pictures(out_dir: str | os.PathLike, split: Split, predictions: np.ndarray,
                              recalls: Mapping[int, float], eval_config, *, title: str = "") -> Path:
     """What `eval.num_preds_to_save > 0` asks for: prediction rows of `eval.queries_to_save`
-    queries spread evenly over the split (only the wrong ones with `eval.save_only_wrong_preds`),
-    `recalls.png` and `map.png`, all in out_dir.
+    queries spread evenly over the split (over its wrong ones with `eval.save_only_wrong_preds`),
+    `recalls.png` and `map.png` (without labels: no recall plot, and a map of the predicted
+    positions when the database's names give them), all in out_dir.
 
     Spread, not the first ones: datasets list their queries in capture order, so the first
     queries usually show one street (or one room) only.
     """
     out_dir = Path(out_dir)
-    count = min(eval_config.queries_to_save, split.num_queries)
+    candidates = np.arange(split.num_queries)
+    if eval_config.save_only_wrong_preds and split.has_labels:
+        candidates = np.flatnonzero(~top1_correct(split, predictions))
+    chosen = candidates[spread_indices(len(candidates), min(eval_config.queries_to_save, len(candidates)))]
     save_predictions(out_dir, split, predictions,
                      num_preds=min(eval_config.num_preds_to_save, predictions.shape[1]),
-                     only_wrong=eval_config.save_only_wrong_preds,
-                     query_indices=spread_indices(split.num_queries, count))
-    save_recall_plot(out_dir / "recalls.png", recalls, title=f"{title}: Recall@N" if title else "Recall@N")
-    save_map(out_dir / "map.png", split, predictions, title=title or None)
+                     query_indices=chosen)
+    if split.has_labels:
+        save_recall_plot(out_dir / "recalls.png", recalls, title=f"{title}: Recall@N" if title else "Recall@N")
+    if np.isfinite(split.database_utm).all():  # without labels, where the database's names say
+        save_map(out_dir / "map.png", split, predictions, title=title or None)
+    print(f"Pictures: {out_dir}", flush=True)
     return out_dir
 
 

@@ -111,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
         index="flat",  # faiss index kind, see vgjax.index.INDEX_KINDS
         index_params="",  # e.g. "nlist=1024,nprobe=16"
         save_descriptors=False,  # write .npy descriptors + CSV/JSON into <workdir>/descriptors
+        save_predictions=False,  # write predictions.csv: each query's top-k, their positions and distances (always without labels)
         num_preds_to_save=0,  # >0: pictures of queries and their top-N predictions, a recall plot, a map
         save_only_wrong_preds=False,  # pictures only of queries whose top-1 is wrong
         queries_to_save=20,  # how many queries (evenly spread over the split) get a picture

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 # What `open_image` raises for a file that cannot be opened (callers name the file).
@@ -40,8 +40,24 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def is_rotated(image: Image.Image) -> bool:
+    """Whether the file's EXIF orientation asks for a rotation or flip."""
+    return image.getexif().get(EXIF_ORIENTATION, 1) != 1
+
+
+def upright_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of an opened image, its EXIF orientation applied."""
+    if is_rotated(image):
+        image = ImageOps.exif_transpose(image)
+    return np.asarray(image.convert("RGB"))
+
+
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decodes an image file to uint8 [H, W, 3] RGB.
+    """Decodes an image file to uint8 [H, W, 3] RGB, upright: an EXIF orientation (phone
+    photos) is applied, which the PyTorch originals do not do (VG datasets carry none).
 
     Raises:
       OSError: naming the file if it cannot be read or decoded, or has more pixels than PIL
@@ -49,7 +65,7 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         with open_image(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return upright_rgb(image)
     except OPEN_ERRORS as error:
         raise OSError(f"cannot read image {path}: {error}") from error
 

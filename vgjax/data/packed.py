@@ -154,9 +154,10 @@ def _image_payload(path: str, image_size: tuple[int, int], encoding: str, qualit
     decoded, resized as the training pipeline does and encoded."""
     try:
         with image_ops.open_image(path) as image:
-            if encoding == "jpeg" and image.format == "JPEG" and image.size == image_size[::-1]:
+            if (encoding == "jpeg" and image.format == "JPEG" and image.size == image_size[::-1]
+                    and not image_ops.is_rotated(image)):
                 return Path(path).read_bytes()
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = image_ops.upright_rgb(image)
     except image_ops.OPEN_ERRORS as error:
         raise OSError(f"cannot read image {path}: {error}") from error
     resized = image_ops.resize_pil_bilinear(rgb, image_size)

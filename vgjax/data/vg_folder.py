@@ -40,7 +40,8 @@ FIELD_NAMES = (
 NUMERIC_FIELDS = frozenset(
     {"east", "north", "zone_number", "lat", "lon", "tile_num", "heading", "pitch", "roll", "height"}
 )
-IMAGE_SUFFIX = ".jpg"
+IMAGE_SUFFIX = ".jpg"  # what dataset folders hold (the benchmark reads nothing else)
+ANY_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what `load_folders` reads, in any letter case
 # East/north beyond this magnitude are not exact integers, and their squared distances lose all
 # precision (1e308 overflows the positives search).
 MAX_COORDINATE = 2.0**53
@@ -70,7 +71,7 @@ def parse_image_name(path: str | os.PathLike) -> dict[str, float | str]:
     """
     name = os.path.basename(os.fspath(path))
     parts = name.split("@")
-    if len(parts) != len(FIELD_NAMES) + 2 or not name.endswith("@" + IMAGE_SUFFIX):
+    if len(parts) != len(FIELD_NAMES) + 2 or not parts[-1].lower() in ANY_IMAGE_SUFFIXES:
         raise DatasetFormatError(
             f"{path}: expected a name of the form "
             f"'@{'@'.join(FIELD_NAMES)}@{IMAGE_SUFFIX}' (14 @-separated fields, empty ones "
@@ -210,19 +211,25 @@ def walk_folder(folder: str | os.PathLike) -> Iterator[tuple[str, int, list[str]
         yield relative, stat.st_mtime_ns, files
 
 
-def list_images(folder: str | os.PathLike) -> list[str]:
+def list_images(folder: str | os.PathLike, *, any_type: bool = False) -> list[str]:
     """Sorted paths of all `*.jpg` files below `folder` (recursive), as the benchmark's
-    recursive glob lists them (see `walk_folder`).
+    recursive glob lists them (see `walk_folder`); with `any_type`, of every ANY_IMAGE_SUFFIXES
+    file in any letter case.
 
     Raises:
       FileNotFoundError: the folder does not exist.
-      DatasetFormatError: it holds no .jpg file (other image types are named in the message), or
-        a broken symbolic link.
+      DatasetFormatError: it holds no image file (other image types are named in the message),
+        or a broken symbolic link.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     files = [os.path.join(folder, relative + name) for relative, _, names in walk_folder(folder) for name in names]
+    if any_type:
+        paths = sorted(path for path in files if os.path.splitext(path)[1].lower() in ANY_IMAGE_SUFFIXES)
+        if not paths:
+            raise DatasetFormatError(f"image folder {folder} contains no {'/'.join(ANY_IMAGE_SUFFIXES)} files")
+        return paths
     paths = sorted(path for path in files if path.endswith(IMAGE_SUFFIX))
     others = [Path(path) for path in files if os.path.splitext(path)[1] in _OTHER_IMAGE_SUFFIXES]
     if not paths:
@@ -324,6 +331,8 @@ class Split:
         float64 [N] with NaN for empty numeric fields, str [N] for the others.
       positive_dist_m: the radius used for `positives`.
       positives: for each query, sorted database indices within positive_dist_m (inclusive).
+      has_labels: False for queries without coordinates (`load_folders(labels=False)`): their
+        UTM is NaN, they have no positives, and no recall is computed.
     """
 
     name: str
@@ -336,6 +345,7 @@ class Split:
     query_fields: dict[str, np.ndarray]
     positive_dist_m: float
     positives: Positives
+    has_labels: bool = True
 
     @property
     def num_database(self) -> int:
@@ -367,6 +377,53 @@ def _warn_on_mixed_zones(split_folder: Path, *field_tables: dict[str, np.ndarray
             "metres and assume a single zone, so positives across zones are wrong",
             stacklevel=3,
         )
+
+
+def _empty_fields(count: int) -> dict[str, np.ndarray]:
+    """Columns of `count` names without fields: NaN numbers, empty strings."""
+    return {name: np.full(count, np.nan) if name in NUMERIC_FIELDS else np.full(count, "", dtype=str)
+            for name in FIELD_NAMES}
+
+
+def _fields_or_empty(paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """The @-fields of `paths` when every name carries them, else `_empty_fields`."""
+    try:
+        return _field_table(paths)
+    except DatasetFormatError:
+        return _empty_fields(len(paths))
+
+
+def load_folders(database_folder: str | os.PathLike, queries_folder: str | os.PathLike,
+                 positive_dist_m: float = 25.0, *, labels: bool = True) -> Split:
+    """Any two folders of images (.jpg, .jpeg, .png, recursive) as a split named "folders".
+
+    With `labels`, every file name must carry its position in the VG format (its UTM east and
+    north) and the positives are computed as in `load_split`. Without, the queries' positions
+    are unknown (NaN, no positives, has_labels False); the database's fields are kept when all
+    its names carry them, so predictions can still give positions.
+
+    Raises:
+      FileNotFoundError, DatasetFormatError: naming the folder or the file.
+    """
+    database_paths = list_images(database_folder, any_type=True)
+    query_paths = list_images(queries_folder, any_type=True)
+    if labels:
+        try:
+            database_fields, query_fields = _field_table(database_paths), _field_table(query_paths)
+        except DatasetFormatError as error:
+            raise DatasetFormatError(f"{error}; for images without coordinates in their names, evaluate "
+                                     "without labels (--no_labels)") from None
+    else:
+        database_fields, query_fields = _fields_or_empty(database_paths), _empty_fields(len(query_paths))
+    database_utm = np.stack([database_fields["east"], database_fields["north"]], axis=1)
+    query_utm = np.stack([query_fields["east"], query_fields["north"]], axis=1)
+    positives = (positives_within(query_utm, database_utm, positive_dist_m) if labels
+                 else Positives(np.zeros(len(query_paths) + 1, np.int64), np.zeros(0, np.int64)))
+    folder = Path(os.path.commonpath([os.path.abspath(database_folder), os.path.abspath(queries_folder)]))
+    return Split(name="folders", folder=folder, database_paths=database_paths, query_paths=query_paths,
+                 database_utm=database_utm, query_utm=query_utm, database_fields=database_fields,
+                 query_fields=query_fields, positive_dist_m=float(positive_dist_m), positives=positives,
+                 has_labels=labels)
 
 
 def load_split(dataset_dir: str | os.PathLike, split: str, positive_dist_m: float = 25.0, *,
