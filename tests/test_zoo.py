@@ -10,7 +10,7 @@ import torch
 from torch import nn as tnn
 
 from torch_helpers import import_torchvision, randomize_batch_norm
-from torch_reference import BenchmarkNet, Flatten, GeM, L2Norm
+from torch_reference import BenchmarkNet, Flatten, GeM, L2Norm, benchmark_aggregation
 from vgjax import models
 from vgjax.data import augment
 from vgjax.models import geoloc_net, registry, zoo
@@ -93,6 +93,25 @@ def test_without_a_published_hash_the_first_download_is_recorded_and_checked(ser
     cached.write_bytes(cached.read_bytes()[:-100])  # truncated
     with pytest.raises(WeightImportError, match="does not match"):
         models.load(entry.name, image_size=SIZE)
+
+
+def test_a_benchmark_zoo_file_says_its_resnet_crop(tmp_path, monkeypatch):
+    """The README lists resnet18-gem without its crop: a file holding layer4 is conv5."""
+    monkeypatch.setenv("VGJAX_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(5)
+    resnet = import_torchvision().models.resnet18()
+    network = BenchmarkNet(tnn.Sequential(*list(resnet.children())[:-2]),
+                           benchmark_aggregation("gem", "before_pool", 512, 0, False)).eval()
+    randomize_batch_norm(network)
+    source = tmp_path / "zoo.pth"
+    torch.save({"module." + key: value for key, value in network.state_dict().items()}, source)
+    entry = dataclasses.replace(zoo.ENTRIES["benchmark_msls_resnet18_gem"], url=source.as_uri(), sha256=None)
+    assert entry.model["backbone"] == "resnet18conv4"
+    monkeypatch.setitem(zoo.ENTRIES, entry.name, entry)
+    loaded = models.load(entry.name, image_size=SIZE)
+    images = _uint8_images(2)
+    np.testing.assert_allclose(loaded.embed_fn(images), _torch_descriptors(network, images), atol=1e-4)
+    assert loaded.embed_fn(images).shape == (2, 512)  # conv5's channels
 
 
 def test_a_weights_file_needs_its_network_named(tmp_path):

@@ -102,8 +102,90 @@ def _cosplace_entries(method: str, title: str, dims: Mapping[str, tuple[int, ...
     return entries
 
 
+# The benchmark's model zoo (its README; Google Drive files, direct-download form of each link).
+# (name, model keys, {training dataset: Drive file id}). The README does not say which ResNet
+# crop each file holds, nor CCT/ViT's trunc_te: both are read from the file (`_benchmark_architecture`).
+_DRIVE = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"
+_GEM, _NETVLAD = {"aggregation": "gem"}, {"aggregation": "netvlad"}
+_BENCHMARK_ZOO = (
+    ("vgg16_gem", {"backbone": "vgg16", **_GEM}, {"pitts30k": "1-e9v_mynIX5XBsdtN_mG9tz5-nA5PWiq",
+                                                "msls": "1GqgO-qG-WNJXWty43KgvDtW0OpG0Wrq-"}),
+    ("resnet18_gem", {"backbone": "resnet18conv4", **_GEM}, {"pitts30k": "1R66NYeLlxBIqLviUVL9XPZkrtmyMn_tU",
+                                                           "msls": "1IH0d_ME2kU3pagsKhx5ZfRfyWriErajn"}),
+    ("resnet50_gem", {"backbone": "resnet50conv4", **_GEM}, {"pitts30k": "1esgXzRFvDFHrMnwwR3GlTnErXjFNrYV7",
+                                                           "msls": "1uuIYJN4N7lQqqsN32pbZwjhz5Xvv3zr-"}),
+    ("resnet101_gem", {"backbone": "resnet101conv4", **_GEM}, {"pitts30k": "1Sd-sezmbzOGbZcy3eqRnWH07eoJ7CM0X",
+                                                             "msls": "1Iondvd8P3vb3piHFTA-RUgTFpqh0I31M"}),
+    ("vit_cls", {"backbone": "vit", "aggregation": "cls"}, {"msls": "1mPiIqFKnW1HWtXqKJhLLmIgMWoV14auG"}),
+    ("vgg16_netvlad", {"backbone": "vgg16", **_NETVLAD}, {"pitts30k": "14s7OZor6wrlGBKeXr0vKbPfTzlW9preM",
+                                                        "msls": "1dwai3uNudjvns58JIyaf5CBRg4ojcWIW"}),
+    ("resnet18_netvlad", {"backbone": "resnet18conv4", **_NETVLAD}, {"pitts30k": "1KFwonDQYdvzTAIILsOMjmLRUR76jXXvB",
+                                                                   "msls": "1_Ozq2TdvwLAJUwy7YH9l69GsfOU-MlFZ"}),
+    ("resnet50_netvlad", {"backbone": "resnet50conv4", **_NETVLAD}, {"pitts30k": "1KL8HoAApOjJFETin7Q7u7IcsOvroKlSj",
+                                                                   "msls": "1krf0A6CeW8GqLqHWZ7dlSNJ9aTJ4dotF"}),
+    ("resnet101_netvlad", {"backbone": "resnet101conv4", **_NETVLAD}, {"pitts30k": "1064kDJ0LPyWoU7J4bMvAa0lTNEhAEi8v",
+                                                                     "msls": "1rtPfsgfJ2Zoxs5uu7Ph1_qc7q-hIxJek"}),
+    ("cct384_netvlad", {"backbone": "cct384", **_NETVLAD}, {"pitts30k": "1Rx0oG4PG9bEraIg4y7e6Z24Q6b_TGr5u",
+                                                          "msls": "1wDZ6XRVYz6bcGe_p3Iiz2NfIe9MmZZMN"}),
+    ("resnet50_gem_fc2048", {"backbone": "resnet50conv4", **_GEM, "fc_output_dim": 2048},
+     {"pitts30k": "1GCbE4gzcRXMH8ETD2YCPo0I3suAXDr-y", "msls": "1oSf11wAxaoEbjLnjfX0EWZ65dgccwdDD"}),
+    ("resnet50_gem_fc65536", {"backbone": "resnet50conv4", **_GEM, "fc_output_dim": 65536},
+     {"pitts30k": "19GjodUuAGKpac6WhIcfuy3tiPV1J-ikn", "msls": "1OGwt651loL2vXnQYyABqitL39IEiXhag"}),
+    ("resnet50_crn", {"backbone": "resnet50conv4", "aggregation": "crn"},
+     {"pitts30k": "1mLOkILfIf8Wegi3tva9390TRIbWDxRor", "msls": "1KJzXwCsbyT0uNDl925H2J0QKXhKaeEgW"}),
+    # The mining study (random / full / partial); "partial" rows share their files with the
+    # backbone table's, as the README links them.
+    ("resnet18_gem_random_mining", {"backbone": "resnet18conv4", **_GEM},
+     {"pitts30k": "12Ds-LcvFcA609bZVBTLNjAZIzV-g8UGK", "msls": "1oNZyfjTaulVTFX4wRrj0YISqxLuNRyhy"}),
+    ("resnet18_gem_full_mining", {"backbone": "resnet18conv4", **_GEM},
+     {"pitts30k": "1bHVsnb6Km2npBsGK9ylI1vuOuc3WLKJb", "msls": "1BbANLPVPxWDau2RP0cWTSS3FybbyUPL1"}),
+    ("resnet18_netvlad_random_mining", {"backbone": "resnet18conv4", **_NETVLAD},
+     {"pitts30k": "19OcEe2ckk-D8drrmxpKkkarT_5mCkjnt", "msls": "1JlEbKbnWyCbR4zP1ZYDct3pYtuJrUmVp"}),
+    ("resnet18_netvlad_full_mining", {"backbone": "resnet18conv4", **_NETVLAD},
+     {"pitts30k": "1kwgyDEfRYtdaOEimQQlmj77rIR2tH3st"}),
+    ("resnet50_gem_random_mining", {"backbone": "resnet50conv4", **_GEM},
+     {"pitts30k": "1f9be75EaG0fFLeNF0bufSre_efKH_ObU", "msls": "1h9-av6qMn-LVapI5KA4cZhT5BKaZ79C6"}),
+    ("resnet50_gem_full_mining", {"backbone": "resnet50conv4", **_GEM},
+     {"pitts30k": "1quS9ZjOrXBqNDBhQzlSj8aeh3dBfP1GY", "msls": "1pxU881eTcz_YdQthKz5yohU7WoLpXt8J"}),
+    ("resnet50_netvlad_random_mining", {"backbone": "resnet50conv4", **_NETVLAD},
+     {"pitts30k": "1TkzlO-ZS42u6e783y2O3JZhcIoI7CEVj", "msls": "1E_X2nrnLxBqvLfVfNKtorOGW_VmwOqSu"}),
+    ("resnet50_netvlad_full_mining", {"backbone": "resnet50conv4", **_NETVLAD},
+     {"pitts30k": "133uxEJZ0gK6XL1myhSAFC7wibZtWnugK"}),
+)
+
+
 def _benchmark_entries() -> list[ZooEntry]:
-    return []  # filled below from the benchmark README's model zoo
+    entries = []
+    for model_name, model, files in _BENCHMARK_ZOO:
+        for dataset, file_id in files.items():
+            size = default_image_size(model["backbone"])
+            entries.append(ZooEntry(
+                f"benchmark_{dataset}_{model_name}", f"the benchmark's {model_name.replace('_', ' ')} trained on "
+                f"{dataset} (Google Drive)", model, "benchmark", size, url=_DRIVE.format(file_id),
+                filename=f"benchmark_{dataset}_{model_name}.pth"))
+    return entries
+
+
+_FULL_DEPTH = {"cct384": ("backbone.classifier.blocks.", 14), "vit": ("backbone.vit_model.encoder.layer.", 12)}
+
+
+def _benchmark_architecture(model: Mapping[str, Any], path: Path) -> dict:
+    """`model` with what the benchmark's file says and its README does not: a ResNet's crop
+    (conv5 when the file holds layer4, `backbone.7.*`) and a transformer's trunc_te (the blocks
+    it holds, when fewer than all)."""
+    from vgjax.models.convert import read_state_dict
+
+    keys, model = list(read_state_dict(path)), dict(model)
+    backbone = model["backbone"]
+    if backbone.startswith("resnet"):
+        crop = "conv5" if any(key.startswith("backbone.7.") for key in keys) else "conv4"
+        model["backbone"] = backbone[:backbone.index("conv")] + crop
+    if backbone in _FULL_DEPTH:
+        prefix, depth = _FULL_DEPTH[backbone]
+        blocks = {key[len(prefix):].split(".", 1)[0] for key in keys if key.startswith(prefix)}
+        if 0 < len(blocks) < depth:
+            model["trunc_te"] = len(blocks)
+    return model
 
 
 _IMAGENET_BACKBONES = ("resnet18conv4", "resnet18conv5", "resnet50conv4", "resnet50conv5",
@@ -226,6 +308,8 @@ def _load_entry(found: ZooEntry, image_size, offline) -> LoadedModel:
         if found.weights == "backbone":
             config.pretrain = str(path)
         else:
+            if found.weights == "benchmark":
+                config = model_config({**_benchmark_architecture(found.model, path), "pretrain": "none"})
             config.resume, config.resume_format = str(path), found.weights
     print(f"{found.name}: {found.description}")
     return _loaded(config, image_size or found.image_size, seed=0)
