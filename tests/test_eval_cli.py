@@ -144,3 +144,35 @@ def test_the_wheel_evaluates_two_folders_with_and_without_labels(tmp_path):
     printed = subprocess.run([str(site / "bin" / "vgjax"), "--mode", "print_config"], cwd=work, env=env,
                              capture_output=True, text=True)
     assert printed.returncode == 0 and "backbone" in printed.stdout, printed.stderr[-2000:]
+
+    # The quickstart notebook, on its own synthetic data, with the local model file.
+    notebook = subprocess.run([sys.executable, str(REPO / "notebooks" / "quickstart.py")], cwd=work,
+                              env={**env, "VGJAX_QUICKSTART_MODEL": "net.vgjax.safetensors"},
+                              capture_output=True, text=True)
+    assert notebook.returncode == 0, notebook.stderr[-3000:]
+    assert "'R@1'" in notebook.stdout and "IMG_0002.jpg: east 5" in notebook.stdout
+    places = list(csv.DictReader((work / "quickstart_out" / "photos" / "predictions" / "hard_resize"
+                                  / "predictions.csv").open()))
+    assert len(places) == 3 and all(place["rank"] == "1" for place in places)
+
+
+def test_the_notebook_is_made_from_its_source():
+    sys.path.insert(0, str(REPO / "notebooks"))
+    try:
+        import make_ipynb
+    finally:
+        sys.path.pop(0)
+    source = (REPO / "notebooks" / "quickstart.py").read_text()
+    assert json.loads((REPO / "notebooks" / "quickstart.ipynb").read_text()) == make_ipynb.notebook(source), \
+        "notebooks/quickstart.ipynb is stale: run python notebooks/make_ipynb.py"
+    code = "\n".join(cell["source"] for cell in make_ipynb.cells(source) if cell["cell_type"] == "code")
+    assert "vgjax.geolocalize(" in code and "models.load(MODEL)" in code
+
+
+def test_an_unknown_model_is_one_line_naming_the_closest(tmp_path, capsys):
+    database, photos = _hand_made(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(["--model", "cosplace_resnet18_521", "--database_folder", str(database),
+                       "--queries_folder", str(photos), "--no_labels", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert "did you mean cosplace_resnet18_512" in capsys.readouterr().err

@@ -11,14 +11,13 @@ geolocalized: predictions.csv gives each query's top-k database images with thei
 pictures with --num_preds_to_save), descriptors/<method>/ with --save_descriptors.
 
 Folders and options are checked before any network is loaded: each problem is one line on
-stderr, exit status 2.
+stderr, exit status 2; a model or image that cannot be read is one line and exit status 1.
+vgjax.folders holds what it runs, for Python.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -89,13 +88,6 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{option} must be at least 1")
 
 
-def _output_folder(args: argparse.Namespace) -> Path:
-    if args.output:
-        return Path(args.output)
-    name = Path(args.model).name if Path(args.model).exists() else args.model
-    return Path("vgjax_eval") / name / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-
-
 def _list_models() -> None:
     from vgjax import models
 
@@ -111,35 +103,20 @@ def main(argv: list[str] | None = None) -> int:
         _list_models()
         return 0
     _check(args, parser)
-    model = _model_config(args.model_config, parser)
-    from vgjax import eval_run, models  # jax and the networks: after the options are checked
-    from vgjax.configs import common
-    from vgjax.data.vg_folder import load_folders
+    model_config = _model_config(args.model_config, parser)
+    from vgjax import folders  # jax and the networks: after the options are checked
 
-    try:
-        split = load_folders(args.database_folder, args.queries_folder, args.positive_dist_threshold,
-                             labels=not args.no_labels)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
-    print(f"{split.num_database} database images, {split.num_queries} queries"
-          + ("" if split.has_labels else " (no labels: geolocalizing them)"))
     size = None if args.image_size is None else tuple(args.image_size * (3 - len(args.image_size)))
-    loaded = models.load(args.model, model=model, image_size=size, offline=args.offline or None)
-    config = common.get_config()
-    config.data.update(resize=loaded.image_size, infer_batch_size=args.batch_size, num_workers=args.num_workers)
-    config.eval.update(test_method=args.test_method, recall_values=tuple(args.recall_values),
-                       num_preds_to_save=args.num_preds_to_save, queries_to_save=args.queries_to_save,
-                       save_only_wrong_preds=args.save_only_wrong_preds, save_descriptors=args.save_descriptors,
-                       save_predictions=True)
-    output = _output_folder(args)
-    output.mkdir(parents=True, exist_ok=True)
-    results = eval_run.evaluate_split(config, loaded.embed_fn, split, output)
-    summary = {"model": str(args.model), "image_size": list(loaded.image_size),
-               "database_folder": str(args.database_folder), "queries_folder": str(args.queries_folder),
-               "num_database": split.num_database, "num_queries": split.num_queries,
-               "labels": split.has_labels, "results": results}
-    (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"Wrote {output / 'results.json'}")
+    try:
+        folders.evaluate_folders(
+            args.model, args.database_folder, args.queries_folder, labels=not args.no_labels,
+            output=args.output, image_size=size, model_config=model_config, test_method=args.test_method,
+            recall_values=args.recall_values, positive_dist_m=args.positive_dist_threshold,
+            num_preds_to_save=args.num_preds_to_save, queries_to_save=args.queries_to_save,
+            save_only_wrong_preds=args.save_only_wrong_preds, save_descriptors=args.save_descriptors,
+            batch_size=args.batch_size, num_workers=args.num_workers, offline=args.offline or None)
+    except (OSError, ValueError) as error:  # a folder's images, a model name or file: named
+        parser.exit(1, f"vgjax-eval: error: {error}\n")
     return 0
 
 
