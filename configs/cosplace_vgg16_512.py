@@ -4,10 +4,10 @@
       --config.cosplace.train_folder=... --config.cosplace.val_folder=... --config.cosplace.test_folder=...
 """
 
-from configs import cosplace_resnet18_512
+from vgjax.configs import cosplace
 
 
 def get_config():
-    config = cosplace_resnet18_512.get_config()
+    config = cosplace.get_config()
     config.model.backbone, config.model.fc_output_dim = "vgg16", 512
     return config

@@ -5,11 +5,11 @@ about a minute on a laptop CPU, with random weights.
   python launch.py --config configs/smoke_cosplace.py --workdir workdirs/smoke_cosplace
 """
 
-from configs import cosplace_resnet18_512
+from vgjax.configs import cosplace
 
 
 def get_config():
-    config = cosplace_resnet18_512.get_config()
+    config = cosplace.get_config()
     config.data.datasets_folder = "workdirs/datasets"
     config.data.dataset_name = "cosplace_smoke"
     config.data.synthetic = "cosplace"

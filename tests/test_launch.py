@@ -159,3 +159,14 @@ def test_eval_mode_with_a_network_from_a_benchmark_checkpoint(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["results"]["hard_resize"]["descriptor_dim"] == 1024
     assert results["backbone"] == "resnet18conv4"
+
+
+def test_packaged_configs_by_name():
+    from vgjax import launch
+
+    common_py = str(launch.PACKAGED_CONFIGS / "common.py")
+    assert launch.packaged_config_paths(["vgjax", "--config", "cosplace", "--workdir", "w"]) == [
+        "vgjax", "--config", str(launch.PACKAGED_CONFIGS / "cosplace.py"), "--workdir", "w"]
+    assert launch.packaged_config_paths(["vgjax", "--config=common"]) == ["vgjax", f"--config={common_py}"]
+    assert launch.packaged_config_paths(["vgjax", "--config=configs/demo.py", "--mode", "common"]) == [
+        "vgjax", "--config=configs/demo.py", "--mode", "common"]

@@ -3,6 +3,7 @@ then offline), weights files with the network named, partial model configs."""
 
 import dataclasses
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from torch_helpers import import_torchvision, randomize_batch_norm
 from torch_reference import BenchmarkNet, Flatten, GeM, L2Norm, benchmark_aggregation
 from vgjax import models
 from vgjax.data import augment
-from vgjax.models import geoloc_net, registry, zoo
+from vgjax.models import geoloc_net, registry, weights_cache, zoo
 from vgjax.models.convert import WeightImportError
 
 SIZE = (64, 64)
@@ -74,9 +75,8 @@ def test_a_wrong_hash_is_rejected_and_nothing_is_cached(served_cosplace, tmp_pat
 
 
 def test_a_damaged_cached_file_is_an_error_not_another_network(served_cosplace, tmp_path):
-    _, _, entry = served_cosplace
-    models.load(entry.name, image_size=SIZE)
-    cached = tmp_path / "cache" / "weights" / entry.filename
+    source, _, entry = served_cosplace
+    cached = weights_cache.fetch(source.as_uri(), sha256=entry.sha256, filename=entry.filename)
     data = bytearray(cached.read_bytes())
     data[len(data) // 2] ^= 0x10  # one flipped bit inside a tensor
     cached.write_bytes(bytes(data))
@@ -84,15 +84,13 @@ def test_a_damaged_cached_file_is_an_error_not_another_network(served_cosplace, 
         models.load(entry.name, image_size=SIZE, offline=True)
 
 
-def test_without_a_published_hash_the_first_download_is_recorded_and_checked(served_cosplace, tmp_path, monkeypatch):
-    _, _, entry = served_cosplace
-    monkeypatch.setitem(zoo.ENTRIES, entry.name, dataclasses.replace(entry, sha256=None))
-    models.load(entry.name, image_size=SIZE)
-    cached = tmp_path / "cache" / "weights" / entry.filename
-    assert (tmp_path / "cache" / "weights" / f"{entry.filename}.sha256").read_text().strip() == entry.sha256
+def test_without_a_published_hash_the_first_download_is_recorded_and_checked(served_cosplace, tmp_path):
+    source, _, entry = served_cosplace
+    cached = weights_cache.fetch(source.as_uri(), filename=entry.filename)
+    assert Path(f"{cached}.sha256").read_text().strip() == entry.sha256
     cached.write_bytes(cached.read_bytes()[:-100])  # truncated
     with pytest.raises(WeightImportError, match="does not match"):
-        models.load(entry.name, image_size=SIZE)
+        weights_cache.fetch(source.as_uri(), filename=entry.filename)
 
 
 def test_a_benchmark_zoo_file_says_its_resnet_crop(tmp_path, monkeypatch):

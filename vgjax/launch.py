@@ -20,9 +20,11 @@ from ml_collections import config_flags
 
 from vgjax import logs, runtime
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "common.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file (configs/*.py; "
-                                          "default: vgjax's defaults).", lock_config=True)
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+PACKAGED_CONFIG_NAMES = ("common", "cosplace")  # the defaults; CosPlace's recipe
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(PACKAGED_CONFIGS / "common.py"), "Experiment config file (configs/*.py), or the name "
+    "of a config packaged with vgjax (common, cosplace); default: common, vgjax's defaults.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, results and checkpoints "
                                "(required except with --mode print_config).")
 _MODE = flags.DEFINE_string("mode", None, "What to run (default: config.mode); the modes are "
@@ -108,10 +110,26 @@ def main(argv):
         raise
 
 
+def packaged_config_paths(argv: list[str]) -> list[str]:
+    """`argv` with `--config NAME` (or --config=NAME), NAME not a file but a config packaged with
+    vgjax (vgjax/configs/NAME.py), replaced by that file's path."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            name, prefix = arg[len("--config="):], "--config="
+        elif arg == "--config" and i + 1 < len(out):
+            name, prefix, i = out[i + 1], "", i + 1
+        else:
+            continue
+        if name in PACKAGED_CONFIG_NAMES and not Path(name).exists():
+            out[i] = prefix + str(PACKAGED_CONFIGS / f"{name}.py")
+    return out
+
+
 def run() -> None:
     """The `vgjax` command (and launch.py): flags from sys.argv. --workdir is required except for
     --mode print_config (vgjax.configs.validate)."""
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, argv=packaged_config_paths(sys.argv), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
