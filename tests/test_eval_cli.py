@@ -176,3 +176,22 @@ def test_an_unknown_model_is_one_line_naming_the_closest(tmp_path, capsys):
                        "--queries_folder", str(photos), "--no_labels", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 1
     assert "did you mean cosplace_resnet18_512" in capsys.readouterr().err
+
+
+def test_several_test_methods_get_one_recall_plot(tmp_path):
+    from vgjax import eval_run
+    from vgjax.configs import common
+
+    database, _ = _hand_made(tmp_path)
+    split = load_folders(database, database, positive_dist_m=50)
+    config = common.get_config()
+    config.data.update(resize=(8, 8), infer_batch_size=2)
+    config.eval.update(test_method="hard_resize,central_crop", recall_values=(1, 2), num_preds_to_save=1,
+                       queries_to_save=3)
+    embed_fn = lambda images: images.reshape(len(images), -1)[:, :4].astype(np.float32)  # noqa: E731
+    results = eval_run.evaluate_split(config, embed_fn, split, tmp_path / "out")
+    assert list(results) == ["hard_resize", "central_crop"]
+    assert (tmp_path / "out" / "predictions" / "recalls.png").is_file()
+    for method in results:
+        assert (tmp_path / "out" / "predictions" / method / "map.png").is_file()
+        assert not (tmp_path / "out" / "predictions" / method / "recalls.png").exists()

@@ -81,7 +81,8 @@ def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn
     Args:
       embed_fn: uint8 [B, H, W, 3] -> float [B, D].
       split: from vgjax.data.vg_folder.load_split.
-      out_dir: pictures go to out_dir/predictions/<method>, descriptors to
+      out_dir: pictures go to out_dir/predictions/<method> (with several methods, one recall
+        plot of them all in out_dir/predictions/recalls.png), descriptors to
         out_dir/descriptors/<method> (only when config.eval asks for them).
       pca: from `fit_pca`, applied to database and queries; None for none.
       title: a prefix of the pictures' titles (e.g. "trained").
@@ -90,8 +91,8 @@ def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn
       {test method: {"recalls": {"R@N": percent}, "descriptor_dim": int, "index": str,
       "timings": {...}}}, in eval.test_method's order.
     """
-    results, database = {}, None
-    for method in test_methods(config.eval):
+    results, database, methods = {}, None, test_methods(config.eval)
+    for method in methods:
         result = evaluate.evaluate(
             embed_fn, split, test_method=method, resize=tuple(config.data.resize),
             recall_values=tuple(config.eval.recall_values), index_kind=config.eval.index,
@@ -103,16 +104,23 @@ def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn
         if split.has_labels:
             print(f"Recalls on {split.folder} ({method}): {result}", flush=True)
         if sharding.is_main_process():
-            _save_outputs(config, split, result, out_dir, f"{title}, {method}" if title else method)
+            _save_outputs(config, split, result, out_dir, f"{title}, {method}" if title else method,
+                          recall_plot=len(methods) == 1)
         results[method] = {"recalls": {f"R@{n}": r for n, r in result.recalls.items()},
                            "descriptor_dim": result.descriptor_dim, "index": result.index,
                            "timings": result.timings}
+    if len(methods) > 1 and config.eval.num_preds_to_save > 0 and split.has_labels and sharding.is_main_process():
+        path = visualize.save_recall_plot(out_dir / "predictions" / "recalls.png",
+                                          {method: entry["recalls"] for method, entry in results.items()},
+                                          title=f"{title}: Recall@N" if title else "Recall@N")
+        print(f"Wrote {path} (every test method)")
     return results
 
 
 def _save_outputs(config: ml_collections.ConfigDict, split: Split, result: evaluate.EvaluationResult,
-                  out_dir: Path, title: str) -> None:
-    """The pictures and descriptors config.eval asks for, of one test method's result."""
+                  out_dir: Path, title: str, *, recall_plot: bool) -> None:
+    """The pictures (with its own recall plot when `recall_plot`), predictions.csv and
+    descriptors config.eval asks for, of one test method's result."""
     method = result.test_method
     if config.eval.save_predictions or not split.has_labels:
         path = evaluate.write_predictions_csv(out_dir / "predictions" / method / "predictions.csv", split,
@@ -120,7 +128,7 @@ def _save_outputs(config: ml_collections.ConfigDict, split: Split, result: evalu
         print(f"Wrote {path}")
     if config.eval.num_preds_to_save > 0:
         visualize.save_evaluation_pictures(out_dir / "predictions" / method, split, result.predictions,
-                                           result.recalls, config.eval, title=title)
+                                           result.recalls, config.eval, title=title, recall_plot=recall_plot)
     if config.eval.save_descriptors:
         evaluate.export_descriptors(out_dir / "descriptors" / method, split, result.database_descriptors,
                                     result.query_descriptors, test_method=method, pca_dim=config.eval.pca_dim)

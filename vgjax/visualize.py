@@ -306,11 +306,12 @@ def spread_indices(total: int, count: int) -> np.ndarray:
 
 
 def save_evaluation_pictures(out_dir: str | os.PathLike, split: Split, predictions: np.ndarray,
-                             recalls: Mapping[int, float], eval_config, *, title: str = "") -> Path:
+                             recalls: Mapping[int, float], eval_config, *, title: str = "",
+                             recall_plot: bool = True) -> Path:
     """What `eval.num_preds_to_save > 0` asks for: prediction rows of `eval.queries_to_save`
     queries spread evenly over the split (over its wrong ones with `eval.save_only_wrong_preds`),
-    `recalls.png` and `map.png` (without labels: no recall plot, and a map of the predicted
-    positions when the database's names give them), all in out_dir.
+    `recalls.png` (unless not `recall_plot`) and `map.png` (without labels: no recall plot, and a
+    map of the predicted positions when the database's names give them), all in out_dir.
 
     Spread, not the first ones: datasets list their queries in capture order, so the first
     queries usually show one street (or one room) only.
@@ -323,7 +324,7 @@ def save_evaluation_pictures(out_dir: str | os.PathLike, split: Split, predictio
     save_predictions(out_dir, split, predictions,
                      num_preds=min(eval_config.num_preds_to_save, predictions.shape[1]),
                      query_indices=chosen)
-    if split.has_labels:
+    if split.has_labels and recall_plot:
         save_recall_plot(out_dir / "recalls.png", recalls, title=f"{title}: Recall@N" if title else "Recall@N")
     if np.isfinite(split.database_utm).all():  # without labels, where the database's names say
         save_map(out_dir / "map.png", split, predictions, title=title or None)
