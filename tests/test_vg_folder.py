@@ -248,3 +248,15 @@ def test_a_coordinate_beyond_2_53_names_the_file(toy_dataset):
     _touch_jpg(bad)
     with pytest.raises(DatasetFormatError, match=f"^{bad}: UTM east must be a finite number below 2\\*\\*53"):
         vg_folder.load_split(toy_dataset, "test")
+
+
+def test_latitude_longitude_from_the_name_else_from_utm_and_zone():
+    from vgjax.data.vg_folder import _field_table, format_image_name, latitude_longitude
+
+    names = [format_image_name(500000.0, 0.0, zone_number=17, zone_letter="N"),  # zone 17's central meridian
+             format_image_name(1.0, 2.0, zone_number=17, zone_letter="N", lat=45.5, lon=7.25),  # the name's own
+             format_image_name(1.0, 2.0, pano_id="x")]  # no zone: unknown
+    lat, lon = latitude_longitude(_field_table(names))
+    np.testing.assert_allclose(lat[:2], [0.0, 45.5], atol=1e-9)
+    np.testing.assert_allclose(lon[:2], [-81.0, 7.25], atol=1e-9)
+    assert np.isnan(lat[2]) and np.isnan(lon[2])

@@ -36,7 +36,7 @@ from vgjax import index as index_lib
 from vgjax.embed import EmbedFn, EmbedTiming, embed_images
 from vgjax.data import images as image_ops
 from vgjax.data import pipeline
-from vgjax.data.vg_folder import Positives, Split, list_images
+from vgjax.data.vg_folder import Positives, Split, latitude_longitude, list_images
 
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop",
                 "maj_voting")
@@ -364,13 +364,15 @@ def write_predictions_csv(path: str | os.PathLike, split: Split, predictions: np
 
     Columns: query (path), rank (1 = best), prediction (database path), distance (the index's:
     squared L2 for the exact index, votes for maj_voting), the prediction's east, north (UTM,
-    metres), lat and lon when its name carries them (else empty); for a split with labels also
+    metres), lat and lon (its name's, else from east/north and its UTM zone; empty when the
+    name has neither); for a split with labels also
     metres (from the query's position) and correct (1 when the prediction is a positive).
     Ranks without a prediction (index -1) are left out.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields, utm = split.database_fields, split.database_utm
+    utm = split.database_utm
+    lat, lon = latitude_longitude(split.database_fields)
     header = ["query", "rank", "prediction", "distance", "east", "north", "lat", "lon"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -382,7 +384,7 @@ def write_predictions_csv(path: str | os.PathLike, split: Split, predictions: np
                     continue
                 line = [split.query_paths[q], rank, split.database_paths[p], f"{score:.6g}",
                         _coordinate(utm[p, 0], 2), _coordinate(utm[p, 1], 2),
-                        _coordinate(fields["lat"][p], 6), _coordinate(fields["lon"][p], 6)]
+                        _coordinate(lat[p], 6), _coordinate(lon[p], 6)]
                 if split.has_labels:
                     metres = float(np.hypot(*(utm[p] - split.query_utm[q])))
                     line += [f"{metres:.1f}", int(p in positives)]

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import utm
 from scipy.spatial import cKDTree
 
 FIELD_NAMES = (
@@ -149,6 +150,23 @@ def _field_table(paths: Sequence[str]) -> dict[str, np.ndarray]:
         name: np.asarray(values, dtype=np.float64 if name in NUMERIC_FIELDS else str)
         for name, values in columns.items()
     }
+
+
+def latitude_longitude(fields: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) float64 [N] of a field table: the names' own lat/lon, else converted from
+    east/north and the UTM zone (utm package) where the name gives the zone, else NaN."""
+    lat, lon = fields["lat"].astype(np.float64), fields["lon"].astype(np.float64)
+    missing = np.isnan(lat) | np.isnan(lon)
+    zones = {(fields["zone_number"][i], fields["zone_letter"][i]) for i in np.flatnonzero(missing)}
+    for number, letter in zones:
+        if np.isnan(number) or not letter:
+            continue
+        rows = missing & (fields["zone_number"] == number) & (fields["zone_letter"] == letter)
+        try:
+            lat[rows], lon[rows] = utm.to_latlon(fields["east"][rows], fields["north"][rows], int(number), str(letter))
+        except utm.error.OutOfRangeError:  # not a real UTM position (e.g. a synthetic world's): left unknown
+            continue
+    return lat, lon
 
 
 # ---------------------------------------------------------------------------------------------
