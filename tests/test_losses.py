@@ -223,3 +223,67 @@ def test_cosface_init_is_xavier_uniform():
     bound = np.sqrt(6.0 / (300 + 512))
     assert w.shape == (300, 512) and np.abs(w).max() <= bound
     np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-similarity, against pytorch-metric-learning as GSV-Cities configures it.
+
+
+def _places_batch(seed, places=6, per_place=4, dim=16, spread=0.6):
+    """Descriptors of places x K images (L2-normalized), place-major, and their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((places, dim))
+    x = np.repeat(centres, per_place, axis=0) + spread * rng.standard_normal((places * per_place, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(places), per_place).astype(np.int32)
+
+
+def _pml(x, labels, epsilon=0.1, alpha=1.0, beta=50.0, base=0.0):
+    from pytorch_metric_learning import distances, losses as pml_losses, miners
+
+    miner = miners.MultiSimilarityMiner(epsilon=epsilon, distance=distances.CosineSimilarity())
+    loss = pml_losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base, distance=distances.DotProductSimilarity())
+    embeddings, targets = torch.from_numpy(x), torch.from_numpy(labels).long()
+    pairs = miner(embeddings, targets)
+    return float(loss(embeddings, targets, pairs)), [t.numpy() for t in pairs]
+
+
+def _as_pairs(mask):
+    rows, cols = np.nonzero(np.asarray(mask))
+    return sorted(zip(rows.tolist(), cols.tolist()))
+
+
+@pytest.mark.parametrize("seed, spread", [(0, 0.6), (1, 0.9), (2, 0.3), (3, 1.5)])
+def test_multi_similarity_miner_and_loss_match_pytorch_metric_learning(seed, spread):
+    x, labels = _places_batch(seed, spread=spread)
+    expected_loss, (a1, p, a2, n) = _pml(x, labels)
+    positive, negative = losses.multi_similarity_miner(jnp.asarray(x), jnp.asarray(labels), epsilon=0.1)
+    assert _as_pairs(positive) == sorted(zip(a1.tolist(), p.tolist()))
+    assert _as_pairs(negative) == sorted(zip(a2.tolist(), n.tolist()))
+    loss = losses.multi_similarity_loss(jnp.asarray(x), positive, negative, alpha=1.0, beta=50.0, base=0.0)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_similarity_gradients_match_pytorch_metric_learning():
+    from pytorch_metric_learning import distances, losses as pml_losses, miners
+
+    x, labels = _places_batch(4, places=5, per_place=3)
+    embeddings, targets = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(labels).long()
+    pairs = miners.MultiSimilarityMiner(epsilon=0.1)(embeddings.detach(), targets)
+    pml_losses.MultiSimilarityLoss(alpha=1.0, beta=50.0, base=0.0, distance=distances.DotProductSimilarity())(
+        embeddings, targets, pairs).backward()
+    positive, negative = losses.multi_similarity_miner(jnp.asarray(x), jnp.asarray(labels))
+    grads = jax.grad(lambda d: losses.multi_similarity_loss(d, positive, negative))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grads), embeddings.grad.numpy(), atol=1e-6)
+
+
+def test_multi_similarity_edge_cases_match_pytorch_metric_learning():
+    x, _ = _places_batch(5, places=4, per_place=2)
+    for labels in (np.arange(8, dtype=np.int32),          # no positive pair at all: nothing mined
+                   np.zeros(8, np.int32),                  # no negative pair at all
+                   np.array([0, 0, 1, 2, 3, 4, 5, 6], np.int32)):  # a single positive pair
+        expected_loss, (a1, _, a2, _) = _pml(x, labels)
+        positive, negative = losses.multi_similarity_miner(jnp.asarray(x), jnp.asarray(labels))
+        assert int(positive.sum()) == len(a1) and int(negative.sum()) == len(a2)
+        loss = losses.multi_similarity_loss(jnp.asarray(x), positive, negative)
+        np.testing.assert_allclose(float(loss), expected_loss, atol=1e-6)

@@ -22,6 +22,11 @@ Deliberate difference from the PyTorch benchmark: sare_joint works with any N (t
 CosPlace (reference.md §5.4): `cosface_logits` / `cosface_loss`, the large-margin cosine
 classifier (s=30, m=0.4) whose weight rows are normalized inside, with cross-entropy;
 `cosface_init` draws its weight like torch's xavier_uniform_.
+
+GSV-Cities (places x K batches): `multi_similarity_miner` and `multi_similarity_loss`, the
+pytorch-metric-learning MultiSimilarityMiner / MultiSimilarityLoss as GSV-Cities and MixVPR
+configure them, on the similarity matrix of the batch with fixed shapes (boolean masks of the
+mined pairs instead of index lists).
 """
 
 from __future__ import annotations
@@ -155,3 +160,75 @@ def cosface_loss(descriptors: jax.Array, weight: jax.Array, labels: jax.Array,
     picked = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-similarity (GSV-Cities).
+
+
+def similarity_matrix(descriptors: jax.Array, *, normalize: bool) -> jax.Array:
+    """float32 [B, B] dot products of the rows, L2-normalized first when `normalize` (cosine)."""
+    x = descriptors.astype(jnp.float32)
+    if normalize:
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x @ x.T
+
+
+def pair_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """bool [B, B] (positive pairs: same label, not the diagonal; negative pairs: other label)."""
+    same = labels[:, None] == labels[None, :]
+    return same & ~jnp.eye(len(labels), dtype=bool), ~same
+
+
+def multi_similarity_miner(descriptors: jax.Array, labels: jax.Array, *, epsilon: float = 0.1
+                           ) -> tuple[jax.Array, jax.Array]:
+    """The pairs pytorch-metric-learning's MultiSimilarityMiner(epsilon) keeps, on cosine
+    similarities: positive (a, p) when s(a, p) - epsilon < the hardest negative similarity of a,
+    negative (a, n) when s(a, n) + epsilon > the hardest positive similarity of a. A batch
+    without any positive or any negative pair mines nothing.
+
+    Args:
+      descriptors: [B, D]; labels: int [B] (the place of each image).
+
+    Returns:
+      (positive, negative): bool [B, B] masks of the mined pairs.
+    """
+    sim = similarity_matrix(descriptors, normalize=True)
+    positives, negatives = pair_masks(labels)
+    hardest_negative = jnp.max(jnp.where(negatives, sim, -jnp.inf), axis=1, keepdims=True)
+    hardest_positive = jnp.min(jnp.where(positives, sim, jnp.inf), axis=1, keepdims=True)
+    any_pairs = jnp.any(positives) & jnp.any(negatives)
+    mined_positives = positives & (sim - epsilon < hardest_negative) & any_pairs
+    mined_negatives = negatives & (sim + epsilon > hardest_positive) & any_pairs
+    return mined_positives, mined_negatives
+
+
+def _log_one_plus_sum_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B]: log(1 + sum_j exp(x[i, j]) over mask[i]) (0 where the row's mask is empty)."""
+    masked = jnp.where(mask, x, -jnp.inf)
+    return jax.nn.logsumexp(jnp.concatenate([masked, jnp.zeros((len(x), 1), x.dtype)], axis=1), axis=1)
+
+
+def multi_similarity_loss(descriptors: jax.Array, positive: jax.Array, negative: jax.Array, *,
+                          alpha: float = 1.0, beta: float = 50.0, base: float = 0.0) -> jax.Array:
+    """pytorch-metric-learning's MultiSimilarityLoss(alpha, beta, base) with GSV-Cities'
+    DotProductSimilarity, which (the library's default) L2-normalizes the descriptors first, so
+    s is the cosine similarity, gradients included. Over the given pairs, the mean over the B
+    anchors of
+
+        1/alpha log(1 + sum_p exp(-alpha (s(a, p) - base))) + 1/beta log(1 + sum_n exp(beta (s(a, n) - base))),
+
+    and 0 when at most one positive and at most one negative pair are given (the library then
+    returns no loss).
+
+    Args:
+      descriptors: [B, D]; positive, negative: bool [B, B] pair masks (multi_similarity_miner).
+
+    Returns:
+      float32 [].
+    """
+    sim = similarity_matrix(descriptors, normalize=True)
+    per_anchor = (_log_one_plus_sum_exp(alpha * (base - sim), positive) / alpha
+                  + _log_one_plus_sum_exp(beta * (sim - base), negative) / beta)
+    enough = (jnp.sum(positive) > 1) | (jnp.sum(negative) > 1)
+    return jnp.where(enough, jnp.mean(per_anchor), 0.0)
