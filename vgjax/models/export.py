@@ -130,7 +130,8 @@ def _read_metadata(path: Path, metadata: Mapping[str, str]
     """(the model config: defaults with the file's architecture, image size) from the header."""
     if metadata.get("format") != FORMAT:
         raise WeightImportError(f"{path}: not a vgjax model file (no format={FORMAT!r} in its metadata); "
-                                "a benchmark state dict loads with model.resume")
+                                "a benchmark state dict loads with model.resume, or vgjax.models.load(path, "
+                                "model={...}) naming its network")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise WeightImportError(f"{path}: vgjax model format version {metadata.get('format_version')!r}; "
                                 f"this vgjax reads version {FORMAT_VERSION}")

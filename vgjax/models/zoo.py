@@ -290,8 +290,8 @@ def load(source: str | os.PathLike, *, model: Mapping[str, Any] | None = None,
         return _load_entry(entry(str(source)), image_size, offline)
     if path.is_dir():
         return _load_run(path, image_size)
-    if path.name.endswith(export.MODEL_SUFFIX):
-        return export.load(path, image_size=image_size)
+    if path.name.endswith(export.MODEL_SUFFIX) or (path.suffix == ".safetensors" and not model):
+        return export.load(path, image_size=image_size)  # a vgjax model file, or an error naming it
     if path.is_file():
         return _load_weights_file(path, model, image_size)
     entry(str(source))  # raises, naming the closest names
