@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_helpers import state_dict_numpy
-from torch_reference import TorchCRN, TorchNetVLAD, TorchRRM, torch_gem, torch_rmac
+from torch_reference import TorchConvAP, TorchCRN, TorchMixVPR, TorchNetVLAD, TorchRRM, torch_gem, torch_rmac
 from vgjax.models import aggregators as agg
 from vgjax.models import netvlad_init
 from vgjax.models.convert import StateDictReader, WeightImportError
@@ -41,10 +41,10 @@ def randomize(module, seed, scale=1.0):
     return module
 
 
-def load(torch_module, aggregation, channels, clusters=8, prefix="aggregation."):
+def load(torch_module, aggregation, channels, clusters=8, prefix="aggregation.", model_config=None):
     state = {prefix + k: v for k, v in state_dict_numpy(torch_module).items()}
     reader = StateDictReader(state, "test")
-    variables = agg.import_torch(reader, prefix, aggregation, channels, clusters)
+    variables = agg.import_torch(reader, prefix, aggregation, channels, clusters, model_config=model_config)
     reader.finish()
     return variables
 
@@ -119,6 +119,46 @@ def test_rrm_parity():
     torch_rrm = randomize(TorchRRM(16), seed=3, scale=0.5)
     out = agg.RRM().apply(load(torch_rrm, "rrm", 16), x)
     assert max_err(out, torch_rrm(xt)) <= TOL
+
+
+@pytest.mark.parametrize("hw, pool", [((6, 8), (2, 2)), ((7, 5), (3, 2)), ((20, 20), (2, 2))])
+def test_convap_parity_with_its_torch_module(hw, pool):
+    x, xt = maps(11, (2, *hw, 16))
+    torch_convap = randomize(TorchConvAP(16, out_channels=12, s1=pool[0], s2=pool[1]), seed=11, scale=0.3)
+    options = {"convap_out_channels": 12, "convap_pool": pool}
+    variables = load(torch_convap, "convap", 16, prefix="aggregator.", model_config=options)
+    out = agg.create("convap", model_config=options).apply(variables, x)
+    assert out.shape == (2, 12 * pool[0] * pool[1]) and max_err(out, torch_convap(xt)) <= TOL
+    exported = agg.export_torch(variables, "aggregator.", "convap")
+    assert exported.keys() == {"aggregator.channel_pool.weight", "aggregator.channel_pool.bias"}
+    np.testing.assert_array_equal(exported["aggregator.channel_pool.weight"], torch_convap.channel_pool.weight.detach())
+
+
+@pytest.mark.parametrize("depth, ratio, rows", [(4, 1, 4), (2, 2, 2), (1, 0.5, 3)])
+def test_mixvpr_parity_with_its_torch_module(depth, ratio, rows):
+    x, xt = maps(12, (2, 5, 4, 16))
+    torch_mixvpr = randomize(TorchMixVPR(16, 5, 4, out_channels=8, mix_depth=depth, mlp_ratio=ratio, out_rows=rows),
+                             seed=12, scale=0.3)
+    options = {"mixvpr_out_channels": 8, "mixvpr_out_rows": rows, "mixvpr_mix_depth": depth, "mixvpr_mlp_ratio": ratio}
+    variables = load(torch_mixvpr, "mixvpr", 16, prefix="aggregator.", model_config=options)
+    out = agg.create("mixvpr", model_config=options).apply(variables, x)
+    assert out.shape == (2, 8 * rows) and max_err(out, torch_mixvpr(xt)) <= TOL
+    exported = agg.export_torch(variables, "aggregator.", "mixvpr")
+    expected = state_dict_numpy(torch_mixvpr)
+    assert exported.keys() == {"aggregator." + key for key in expected}
+    for key, value in expected.items():
+        np.testing.assert_array_equal(exported["aggregator." + key], value)
+
+
+def test_mixvpr_initialisation_follows_mixvpr():
+    params = agg.MixVPR(out_channels=32, out_rows=4).init(jax.random.key(0), jnp.ones((1, 20, 20, 64)))["params"]
+    fc1 = np.asarray(params["mix_0"]["fc1"]["kernel"])
+    assert fc1.shape == (400, 400) and abs(fc1.std() - 0.02) < 0.001 and not np.any(params["mix_0"]["fc1"]["bias"])
+    assert float(np.abs(params["channel_proj"]["kernel"]).max()) <= 1 / math.sqrt(64)
+    assert float(np.abs(params["row_proj"]["kernel"]).max()) <= 1 / math.sqrt(400)
+    assert agg.output_dim("mixvpr", 1024, model_config={"mixvpr_out_channels": 1024, "mixvpr_out_rows": 4,
+                                                        "mixvpr_mix_depth": 4, "mixvpr_mlp_ratio": 1}) == 4096
+    assert agg.output_dim("convap", 2048, model_config={"convap_out_channels": 2048, "convap_pool": (2, 2)}) == 8192
 
 
 @pytest.mark.parametrize("tokens", [False, True])

@@ -11,7 +11,7 @@ import torch
 from torch import nn as tnn
 
 from torch_helpers import import_torchvision, randomize_batch_norm
-from torch_reference import BenchmarkNet, Flatten, GeM, L2Norm, benchmark_aggregation
+from torch_reference import BenchmarkNet, Flatten, GeM, L2Norm, TorchMixVPR, benchmark_aggregation
 from vgjax import models
 from vgjax.data import augment
 from vgjax.models import geoloc_net, registry, weights_cache, zoo
@@ -110,6 +110,40 @@ def test_a_benchmark_zoo_file_says_its_resnet_crop(tmp_path, monkeypatch):
     images = _uint8_images(2)
     np.testing.assert_allclose(loaded.embed_fn(images), _torch_descriptors(network, images), atol=1e-4)
     assert loaded.embed_fn(images).shape == (2, 512)  # conv5's channels
+
+
+class _MixVPRNet(tnn.Module):
+    """A released MixVPR network's layout: backbone.model (torchvision ResNet-50 without layer4,
+    avgpool and fc) and aggregator."""
+
+    def __init__(self, hw, out_channels=16, out_rows=2):
+        super().__init__()
+        self.backbone = tnn.Module()
+        self.backbone.model = import_torchvision().models.resnet50()
+        self.backbone.model.layer4 = self.backbone.model.avgpool = self.backbone.model.fc = None
+        self.aggregator = TorchMixVPR(1024, *hw, out_channels=out_channels, out_rows=out_rows)
+
+    def forward(self, x):
+        m = self.backbone.model
+        x = m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))))
+        return self.aggregator(x)
+
+
+def test_a_mixvpr_release_loads_by_name_and_matches_its_torch_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("VGJAX_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(6)
+    network = _MixVPRNet((4, 4)).eval()  # 64x64 images: layer3 maps of 4x4
+    randomize_batch_norm(network)
+    source = tmp_path / "mixvpr.ckpt"
+    torch.save(network.state_dict(), source)
+    entry = dataclasses.replace(zoo.ENTRIES["mixvpr_resnet50_128"], url=source.as_uri(), sha256=None,
+                                model={**zoo.ENTRIES["mixvpr_resnet50_128"].model, "mixvpr_out_channels": 16})
+    monkeypatch.setitem(zoo.ENTRIES, entry.name, entry)
+    loaded = models.load(entry.name, image_size=SIZE)
+    images = _uint8_images(3)
+    np.testing.assert_allclose(loaded.embed_fn(images), _torch_descriptors(network, images), atol=1e-4)
+    with pytest.raises(WeightImportError, match="shape"):  # built for 320x320, the file holds 4x4 positions
+        models.load(entry.name)
 
 
 def test_a_weights_file_needs_its_network_named(tmp_path):

@@ -61,6 +61,49 @@ class TorchRRM(tnn.Module):
         return F.normalize(x, p=2, dim=1)
 
 
+class TorchConvAP(tnn.Module):
+    """GSV-Cities' Conv-AP, written from its published description: 1x1 conv, adaptive average
+    pooling to (s1, s2), flatten, L2. Keys: channel_pool.{weight,bias}."""
+
+    def __init__(self, in_channels, out_channels=512, s1=2, s2=2):
+        super().__init__()
+        self.channel_pool = tnn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
+        self.pool = tnn.AdaptiveAvgPool2d((s1, s2))
+
+    def forward(self, x):
+        return F.normalize(self.pool(self.channel_pool(x)).flatten(1), p=2, dim=1)
+
+
+class TorchFeatureMixer(tnn.Module):
+    """MixVPR's Feature-Mixer block: x + MLP(LayerNorm(x)) over the last (flattened HW) axis.
+    Keys: mix.0 (LayerNorm), mix.1 and mix.3 (Linear)."""
+
+    def __init__(self, positions, mlp_ratio=1):
+        super().__init__()
+        hidden = int(positions * mlp_ratio)
+        self.mix = tnn.Sequential(tnn.LayerNorm(positions), tnn.Linear(positions, hidden), tnn.ReLU(),
+                                  tnn.Linear(hidden, positions))
+
+    def forward(self, x):
+        return x + self.mix(x)
+
+
+class TorchMixVPR(tnn.Module):
+    """MixVPR: flatten to (B, C, HW), Feature-Mixer blocks, channel projection, row projection,
+    flatten, L2. Keys: mix.<k>.mix.*, channel_proj, row_proj."""
+
+    def __init__(self, in_channels, in_h, in_w, out_channels=1024, mix_depth=4, mlp_ratio=1, out_rows=4):
+        super().__init__()
+        self.mix = tnn.Sequential(*[TorchFeatureMixer(in_h * in_w, mlp_ratio) for _ in range(mix_depth)])
+        self.channel_proj = tnn.Linear(in_channels, out_channels)
+        self.row_proj = tnn.Linear(in_h * in_w, out_rows)
+
+    def forward(self, x):
+        x = self.mix(x.flatten(2))
+        x = self.channel_proj(x.permute(0, 2, 1)).permute(0, 2, 1)
+        return F.normalize(self.row_proj(x).flatten(1), p=2, dim=-1)
+
+
 class TorchNetVLAD(tnn.Module):
     """NetVLAD with the per-cluster residual loop; Conv1d on tokens (N, T, D), Conv2d on NCHW."""
 

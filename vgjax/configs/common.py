@@ -34,6 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
         aggregation="netvlad",
         l2="before_pool",
         netvlad_clusters=64,
+        convap_out_channels=512,  # Conv-AP: 1x1 conv channels, and its pooled grid (s1, s2)
+        convap_pool=(2, 2),
+        mixvpr_out_channels=1024,  # MixVPR: channel and row projections, Feature-Mixer blocks, MLP ratio
+        mixvpr_out_rows=4,
+        mixvpr_mix_depth=4,
+        mixvpr_mlp_ratio=1,
         fc_output_dim=config_dict.placeholder(int),
         pretrain="imagenet",  # imagenet | places365 (resnet18) | none | random (evaluated on purpose) | a weights file
         trunc_te=config_dict.placeholder(int),
@@ -42,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
         frozen_bn=False,  # True: BatchNorm of frozen stages stops updating its statistics
         resume="",  # a whole network to evaluate or to start training from: a weights file or a vgjax workdir
         resume_checkpoint="best",  # of a vgjax workdir: best | last
-        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files)
+        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files) | gsv (MixVPR / Conv-AP files)
     ))
 
     config.train = ml_collections.ConfigDict(dict(

@@ -25,7 +25,9 @@ aggregation's tensors under the benchmark's names relative to the aggregation mo
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -340,10 +342,96 @@ class CRN(nn.Module):
         return _vlad(descriptors, assignment, centroids).astype(self.dtype)
 
 
+# ------------------------------------------------------------------------------ GSV-Cities family
+
+def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch AdaptiveAvgPool2d on [B, H, W, C] -> [B, s1, s2, C]: output cell (i, j) averages
+    rows floor(i H / s1) .. ceil((i + 1) H / s1) - 1 and the same for columns."""
+    def bins(length: int, count: int) -> list[tuple[int, int]]:
+        return [(i * length // count, -(-(i + 1) * length // count)) for i in range(count)]
+
+    rows = [jnp.stack([jnp.mean(x[:, r0:r1, c0:c1], axis=(1, 2)) for c0, c1 in bins(x.shape[2], size[1])], axis=1)
+            for r0, r1 in bins(x.shape[1], size[0])]
+    return jnp.stack(rows, axis=1)
+
+
+class ConvAP(nn.Module):
+    """Conv-AP (GSV-Cities): 1x1 convolution C -> out_channels (with bias, torch's default init),
+    adaptive average pooling to `pool` (s1, s2), flattened in torch's (channel, row, column)
+    order, L2. [B, H, W, C] -> [B, out_channels * s1 * s2] with unit norm."""
+    out_channels: int = 512
+    pool: tuple[int, int] = (2, 2)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _require_maps(x, "Conv-AP")
+        init = _torch_default_uniform(x.shape[-1])
+        y = nn.Conv(self.out_channels, (1, 1), kernel_init=init, bias_init=init, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="channel_pool")(x)
+        pooled = adaptive_avg_pool(y.astype(_F32), tuple(self.pool))  # [B, s1, s2, out]
+        return l2_normalize(pooled.transpose(0, 3, 1, 2).reshape(len(x), -1)).astype(self.dtype)
+
+
+class FeatureMixer(nn.Module):
+    """One MixVPR Feature-Mixer block over the flattened positions: x + MLP(LayerNorm(x)), the
+    MLP HW -> HW * mlp_ratio -> HW with ReLU; Linear weights ~ N(0, 0.02), biases 0 (as
+    MixVPR initialises them). [B, C, HW] -> [B, C, HW]."""
+    mlp_ratio: float = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        positions = x.shape[-1]
+        dense = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.02), bias_init=nn.initializers.zeros,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        y = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=_F32, param_dtype=self.param_dtype,
+                         name="norm")(x.astype(_F32))
+        y = dense(int(positions * self.mlp_ratio), name="fc1")(y)
+        y = dense(positions, name="fc2")(nn.relu(y))
+        return x.astype(_F32) + y.astype(_F32)
+
+
+class MixVPR(nn.Module):
+    """MixVPR (Ali-bey et al., WACV 2023): the map flattened to [B, C, HW], `mix_depth`
+    Feature-Mixer blocks, a channel projection C -> out_channels and a row projection
+    HW -> out_rows (torch's default Linear init), flattened (channel-major) and L2.
+    [B, H, W, C] -> [B, out_channels * out_rows] with unit norm. The parameters depend on H*W,
+    so a network is built for one input size."""
+    out_channels: int = 1024
+    out_rows: int = 4
+    mix_depth: int = 4
+    mlp_ratio: float = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _require_maps(x, "MixVPR")
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height * width, channels).transpose(0, 2, 1)  # [B, C, HW], HW row-major
+        for k in range(self.mix_depth):
+            x = FeatureMixer(self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype, name=f"mix_{k}")(x)
+        x = self._dense(self.out_channels, channels, "channel_proj")(x.transpose(0, 2, 1))  # [B, HW, out]
+        x = self._dense(self.out_rows, height * width, "row_proj")(x.transpose(0, 2, 1))  # [B, out, rows]
+        return l2_normalize(x.reshape(batch, -1)).astype(self.dtype)
+
+    def _dense(self, features: int, fan_in: int, name: str) -> nn.Dense:
+        init = _torch_default_uniform(fan_in)
+        return nn.Dense(features, kernel_init=init, bias_init=init, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=name)
+
+
 # ------------------------------------------------------------------------------ registry, import
 
 AGGREGATIONS = {"gem": GeM, "spoc": SPoC, "mac": MAC, "rmac": RMAC, "rrm": RRM,
-                "netvlad": NetVLAD, "crn": CRN}
+                "netvlad": NetVLAD, "crn": CRN, "convap": ConvAP, "mixvpr": MixVPR}
+# The model config keys of each GSV-Cities aggregation, by module field.
+OPTION_KEYS = {"convap": {"out_channels": "convap_out_channels", "pool": "convap_pool"},
+               "mixvpr": {"out_channels": "mixvpr_out_channels", "out_rows": "mixvpr_out_rows",
+                          "mix_depth": "mixvpr_mix_depth", "mlp_ratio": "mixvpr_mlp_ratio"}}
 
 
 def _check_name(aggregation: str) -> str:
@@ -353,28 +441,52 @@ def _check_name(aggregation: str) -> str:
     return aggregation
 
 
+def options(aggregation: str, model_config: Mapping | None) -> dict:
+    """The module fields a GSV-Cities aggregation takes from the model config ({} for others;
+    the module's defaults without a config)."""
+    keys = OPTION_KEYS.get(aggregation, {})
+    if model_config is None:
+        return {}
+    fields = {field: model_config[key] for field, key in keys.items()}
+    if "pool" in fields:
+        fields["pool"] = tuple(int(n) for n in fields["pool"])
+    return fields
+
+
 def create(aggregation: str, clusters: int = 64, dtype: Any = jnp.float32,
-           param_dtype: Any = jnp.float32) -> nn.Module:
-    """The aggregation module named as in the benchmark's `--aggregation`."""
+           param_dtype: Any = jnp.float32, model_config: Mapping | None = None) -> nn.Module:
+    """The aggregation module named as in the benchmark's `--aggregation` (or convap, mixvpr,
+    with their options from `model_config`)."""
     module = AGGREGATIONS[_check_name(aggregation)]
     if aggregation in ("netvlad", "crn"):
         return module(clusters=clusters, dtype=dtype, param_dtype=param_dtype)
-    return module(dtype=dtype, param_dtype=param_dtype)
+    return module(dtype=dtype, param_dtype=param_dtype, **options(aggregation, model_config))
 
 
-def output_dim(aggregation: str, channels: int, clusters: int = 64) -> int:
-    """Descriptor size: clusters * channels for netvlad/crn, channels otherwise."""
-    return clusters * channels if _check_name(aggregation) in ("netvlad", "crn") else channels
+def output_dim(aggregation: str, channels: int, clusters: int = 64, model_config: Mapping | None = None) -> int:
+    """Descriptor size: clusters * channels for netvlad/crn, out_channels * s1 * s2 for convap,
+    out_channels * out_rows for mixvpr, channels otherwise."""
+    if _check_name(aggregation) in ("netvlad", "crn"):
+        return clusters * channels
+    if aggregation in OPTION_KEYS:
+        module = create(aggregation, model_config=model_config)
+        return module.out_channels * (module.out_rows if aggregation == "mixvpr" else math.prod(module.pool))
+    return channels
 
 
 def import_torch(reader: StateDictReader, prefix: str, aggregation: str, channels: int,
-                 clusters: int = 64) -> dict:
+                 clusters: int = 64, model_config: Mapping | None = None) -> dict:
     """Flax variables {"params": ...} of one aggregation from the benchmark's tensors
     `prefix + <key>`: gem `p` [1]; netvlad `centroids` [K, C] and `conv.weight` [K, C, 1, 1]
     (Conv2d, CNN) or [K, C, 1] (Conv1d, tokens); crn adds `crn.filter_{3_3,5_5,7_7}.{weight,
     bias}` and `crn.acc_w.{weight,bias}` (read and checked to be 1 and 0); rrm
-    `{ln1,fc1,fc2,ln2}.{weight,bias}`. spoc, mac and rmac have no tensors."""
+    `{ln1,fc1,fc2,ln2}.{weight,bias}`; convap `channel_pool.{weight,bias}` and mixvpr
+    `mix.<k>.mix.{0,1,3}`, `channel_proj`, `row_proj` in the GSV-Cities/MixVPR layouts (options
+    from `model_config`). spoc, mac and rmac have no tensors."""
     _check_name(aggregation)
+    if aggregation in OPTION_KEYS:
+        module = create(aggregation, model_config=model_config)
+        return {"params": (_import_convap if aggregation == "convap" else _import_mixvpr)(reader, prefix, channels, module)}
     if aggregation == "gem":
         return {"params": {"p": reader.take(prefix + "p", (1,))}}
     if aggregation == "rrm":
@@ -416,7 +528,9 @@ def export_torch(variables: dict, prefix: str, aggregation: str, tokens: bool = 
     (Conv2d), or [K, C, 1] (Conv1d) after a token backbone; CRN's fixed `acc_w` is written as
     the benchmark holds it (weight 1 [1, 84, 1, 1], bias 0)."""
     params = variables.get("params", {})
-    if _check_name(aggregation) == "gem":
+    if _check_name(aggregation) in OPTION_KEYS:
+        return _export_gsv(params, prefix, aggregation)
+    if aggregation == "gem":
         return {prefix + "p": np.asarray(params["p"], np.float32)}
     if aggregation == "rrm":
         return {**torch_layer_norm(params["ln1"], prefix + "ln1"),
@@ -434,6 +548,38 @@ def export_torch(variables: dict, prefix: str, aggregation: str, tokens: bool = 
         state[prefix + "crn.acc_w.weight"] = np.ones((1, 84, 1, 1), np.float32)
         state[prefix + "crn.acc_w.bias"] = np.zeros(1, np.float32)
     return state
+
+
+def _import_convap(reader: StateDictReader, prefix: str, channels: int, module: ConvAP) -> dict:
+    return {"channel_pool": conv(reader, prefix + "channel_pool", module.out_channels, channels, 1)}
+
+
+def _import_mixvpr(reader: StateDictReader, prefix: str, channels: int, module: MixVPR) -> dict:
+    """The positions H*W are the file's (its first LayerNorm's size): a network built for
+    another input size is refused when the variables are merged."""
+    positions = reader.take(prefix + "mix.0.mix.0.weight").shape[0]
+    hidden = int(positions * module.mlp_ratio)
+    params = {f"mix_{k}": {"norm": layer_norm(reader, f"{prefix}mix.{k}.mix.0", positions),
+                           "fc1": dense(reader, f"{prefix}mix.{k}.mix.1", positions, hidden),
+                           "fc2": dense(reader, f"{prefix}mix.{k}.mix.3", hidden, positions)}
+              for k in range(module.mix_depth)}
+    params["channel_proj"] = dense(reader, prefix + "channel_proj", channels, module.out_channels)
+    params["row_proj"] = dense(reader, prefix + "row_proj", positions, module.out_rows)
+    return params
+
+
+def _export_gsv(params: dict, prefix: str, aggregation: str) -> dict:
+    """The inverse of _import_convap / _import_mixvpr."""
+    if aggregation == "convap":
+        return torch_conv(params["channel_pool"], prefix + "channel_pool")
+    state = {}
+    for k in range(sum(name.startswith("mix_") for name in params)):
+        block = params[f"mix_{k}"]
+        state.update({**torch_layer_norm(block["norm"], f"{prefix}mix.{k}.mix.0"),
+                      **torch_dense(block["fc1"], f"{prefix}mix.{k}.mix.1"),
+                      **torch_dense(block["fc2"], f"{prefix}mix.{k}.mix.3")})
+    return {**state, **torch_dense(params["channel_proj"], prefix + "channel_proj"),
+            **torch_dense(params["row_proj"], prefix + "row_proj")}
 
 
 def _import_rrm(reader: StateDictReader, prefix: str, channels: int) -> dict:

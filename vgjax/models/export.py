@@ -141,9 +141,9 @@ def _read_metadata(path: Path, metadata: Mapping[str, str]
     model_config = common.get_config().model
     try:
         architecture, image_size = json.loads(metadata["model"]), json.loads(metadata["image_size"])
-        expected = sorted(geoloc_net.ARCHITECTURE_KEYS)
-        if sorted(architecture) != expected:
-            raise ValueError(f"model keys {sorted(architecture)}, expected {expected}")
+        expected, optional = set(geoloc_net.ARCHITECTURE_KEYS), set(geoloc_net.AGGREGATION_OPTION_KEYS)
+        if not expected - optional <= set(architecture) <= expected:  # older files lack the optional keys
+            raise ValueError(f"model keys {sorted(architecture)}, expected {sorted(expected)}")
         for key, value in architecture.items():
             model_config[key] = value
         if not (isinstance(image_size, list) and len(image_size) == 2

@@ -36,7 +36,11 @@ L2_MODES = ("before_pool", "after_pool", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The model config keys that change the network's parameters (not how it is trained or run): what
 # a vgjax model file records (models.export) and a training run's architecture check compares.
-ARCHITECTURE_KEYS = ("backbone", "aggregation", "l2", "netvlad_clusters", "fc_output_dim", "trunc_te")
+# The model keys that change the parameters; the GSV-Cities aggregations' own keys were added
+# later: a saved run or model file without them holds another aggregation (they take defaults).
+AGGREGATION_OPTION_KEYS = tuple(key for keys in aggregators.OPTION_KEYS.values() for key in keys.values())
+ARCHITECTURE_KEYS = ("backbone", "aggregation", "l2", "netvlad_clusters", "fc_output_dim", "trunc_te",
+                     *AGGREGATION_OPTION_KEYS)
 
 
 class GeoLocalizationNet(nn.Module):
@@ -92,6 +96,10 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"unknown model.l2 {config.l2!r}; choose one of {L2_MODES}")
     if config.dtype not in DTYPES:
         raise ValueError(f"unknown model.dtype {config.dtype!r}; choose one of {tuple(DTYPES)}")
+    for key in aggregators.OPTION_KEYS.get(config.aggregation, {}).values():
+        values = config[key] if isinstance(config[key], (tuple, list)) else (config[key],)
+        if not all(isinstance(v, (int, float)) and v > 0 for v in values) or not values:
+            raise ValueError(f"model.{key} must be positive, got {config[key]!r}")
 
 
 def check_image_size(backbone: str, image_size: tuple[int, int]) -> None:
@@ -111,7 +119,7 @@ def check_image_size(backbone: str, image_size: tuple[int, int]) -> None:
 def _aggregation(config, dtype) -> nn.Module | None:
     if config.aggregation in registry.TOKEN_OUTPUTS:
         return None
-    return aggregators.create(config.aggregation, clusters=config.netvlad_clusters, dtype=dtype)
+    return aggregators.create(config.aggregation, clusters=config.netvlad_clusters, dtype=dtype, model_config=config)
 
 
 def build(config: ml_collections.ConfigDict, image_size: tuple[int, int] = (480, 640)) -> GeoLocalizationNet:
@@ -137,13 +145,13 @@ def build(config: ml_collections.ConfigDict, image_size: tuple[int, int] = (480,
 
 
 def descriptor_dim(config: ml_collections.ConfigDict) -> int:
-    """Output dimension: fc_output_dim, else K*C (netvlad/crn) or C."""
+    """Output dimension: fc_output_dim, else the aggregation's (aggregators.output_dim) or C."""
     if config.fc_output_dim is not None:
         return int(config.fc_output_dim)
     channels = registry.backbone(config.backbone).channels
     if config.aggregation in registry.TOKEN_OUTPUTS:
         return channels
-    return aggregators.output_dim(config.aggregation, channels, config.netvlad_clusters)
+    return aggregators.output_dim(config.aggregation, channels, config.netvlad_clusters, model_config=config)
 
 
 # XLA options for compiling `init` on the CPU (level 0 changes values by an ulp; 1 does not).

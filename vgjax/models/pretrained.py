@@ -167,7 +167,8 @@ def _benchmark_variables(state: dict, model_config, image_size, source: str) -> 
     inner, fc_prefix = aggregation_prefixes(model_config)
     if model_config.aggregation not in registry.TOKEN_OUTPUTS:
         aggregation = aggregators.import_torch(
-            reader, inner, model_config.aggregation, backbone.channels, model_config.netvlad_clusters)
+            reader, inner, model_config.aggregation, backbone.channels, model_config.netvlad_clusters,
+            model_config=model_config)
         if aggregation["params"]:
             parts["aggregation"] = aggregation
     if fc_prefix is not None:
@@ -198,6 +199,24 @@ def load_cosplace_checkpoint(path: str | os.PathLike, model_config: ml_collectio
         "aggregation": aggregators.import_torch(reader, "aggregation.1.", "gem", channels),
         "fc": _import_fc(reader, "aggregation.3.", channels, model_config.fc_output_dim),
     }
+    reader.finish()
+    return _variables(**parts)
+
+
+def load_gsv_checkpoint(path: str | os.PathLike, model_config: ml_collections.ConfigDict,
+                        image_size: tuple[int, int] = (320, 320)) -> dict:
+    """All variables from a released MixVPR or Conv-AP file (GSV-Cities layout): the ResNet at
+    `backbone.model.<torchvision name>` (MixVPR's without layer4: conv4; Conv-AP's with it:
+    conv5) and the aggregation at `aggregator.` (MixVPR: mix.<k>.mix.{0,1,3}, channel_proj,
+    row_proj; Conv-AP: channel_pool). A Lightning checkpoint's `state_dict` is unwrapped."""
+    if model_config.aggregation not in registry.GSV_AGGREGATIONS or not model_config.backbone.startswith("resnet"):
+        raise ValueError("a MixVPR or Conv-AP file holds a ResNet with aggregation mixvpr or convap; got "
+                         f"{model_config.backbone} + {model_config.aggregation}")
+    reader = StateDictReader(read_state_dict(path), str(path))
+    channels = registry.backbone(model_config.backbone).channels
+    parts = {"backbone": _import_backbone(reader, "backbone.model.", model_config, image_size),
+             "aggregation": aggregators.import_torch(reader, "aggregator.", model_config.aggregation, channels,
+                                                     model_config=model_config)}
     reader.finish()
     return _variables(**parts)
 
@@ -249,7 +268,7 @@ def load_pretrained_backbone(model_config, image_size) -> dict | None:
     return loader(path, model_config, image_size)
 
 
-RESUME_FORMATS = ("benchmark", "cosplace")
+RESUME_FORMATS = ("benchmark", "cosplace", "gsv")  # gsv: the released MixVPR / Conv-AP files
 
 
 def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[int, int],
@@ -272,6 +291,8 @@ def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[in
                              f"choose one of {RESUME_FORMATS}")
         if model_config.resume_format == "cosplace":
             return model, merge_variables(variables, load_cosplace_checkpoint(model_config.resume, model_config, image_size))
+        if model_config.resume_format == "gsv":
+            return model, merge_variables(variables, load_gsv_checkpoint(model_config.resume, model_config, image_size))
         return model, merge_variables(variables, _load_whole_network(model_config, image_size))
     backbone = load_pretrained_backbone(model_config, image_size)
     if backbone is None:

@@ -28,8 +28,9 @@ from vgjax.models.backbones import alexnet, cct, resnet, vgg, vit
 
 POOLINGS = ("gem", "spoc", "mac", "rmac")
 TOKEN_OUTPUTS = ("cls", "seqpool")
-AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + TOKEN_OUTPUTS
-_CNN_AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm")
+GSV_AGGREGATIONS = ("convap", "mixvpr")  # the GSV-Cities family's, after CNNs only
+AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS + TOKEN_OUTPUTS
+_CNN_AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS
 
 # Module fields that come from the model config (and the input size), by field name.
 _CONFIG_FIELDS: dict[str, Callable[[ml_collections.ConfigDict, tuple[int, int]], Any]] = {

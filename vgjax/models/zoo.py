@@ -2,7 +2,7 @@
 
 `load(source)` takes
 - a zoo name (`available()` lists them): the public checkpoints VPR users evaluate (CosPlace,
-  EigenPlaces, the benchmark's model zoo) and ImageNet/Places365 backbones with GeM. The file is
+  EigenPlaces, the benchmark's model zoo, MixVPR) and ImageNet/Places365 backbones with GeM. The file is
   downloaded once into the weights cache (`weights_cache`), checked against its sha256, and read
   from the cache (or a copy put there by hand) when offline;
 - a vgjax model file (`*.vgjax.safetensors`, from `--mode export`), which describes itself;
@@ -34,7 +34,7 @@ from vgjax.models import export, places365, pretrained, registry, weights_cache
 from vgjax.models.export import LoadedModel
 
 DEFAULT_IMAGE_SIZE = (480, 640)  # the benchmark's: CNNs take any size, this is what they are tested at
-WEIGHT_LAYOUTS = ("cosplace", "benchmark", "backbone", "places365")
+WEIGHT_LAYOUTS = ("cosplace", "benchmark", "gsv", "backbone", "places365")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ZooEntry:
       description: one line for listings: what it is, what it was trained on.
       model: the model config keys that differ from the defaults (backbone, aggregation, ...).
       weights: how the file is read: "cosplace" (CosPlace/EigenPlaces torch.hub layout),
-        "benchmark" (the benchmark's zoo), "backbone" (torchvision ImageNet weights; the
+        "benchmark" (the benchmark's zoo), "gsv" (MixVPR / Conv-AP releases), "backbone" (torchvision ImageNet weights; the
         aggregation keeps its initial values, GeM's p = 3), "places365" (vgjax.models.places365).
       image_size: (H, W) it is evaluated at by default.
       url: where the weights file is (http(s):// or file://); "" for places365.
@@ -70,7 +70,7 @@ class ZooEntry:
 def _entries() -> dict[str, ZooEntry]:
     entries = [*_cosplace_entries("cosplace", "CosPlace", COSPLACE_DIMS, COSPLACE_URL),
                *_cosplace_entries("eigenplaces", "EigenPlaces", EIGENPLACES_DIMS, EIGENPLACES_URL),
-               *_benchmark_entries(), *_backbone_entries(), *_unavailable_entries()]
+               *_benchmark_entries(), *_mixvpr_entries(), *_backbone_entries(), *_unavailable_entries()]
     return {entry.name: entry for entry in entries}
 
 
@@ -192,6 +192,20 @@ _IMAGENET_BACKBONES = ("resnet18conv4", "resnet18conv5", "resnet50conv4", "resne
                        "resnet101conv4", "resnet101conv5", "vgg16", "alexnet")
 
 
+# MixVPR (WACV 2023), trained on GSV-Cities at 320x320: descriptor size -> (out_channels,
+# out_rows, Google Drive file id).
+_MIXVPR = {4096: (1024, 4, "1vuz3PvnR7vxnDDLQrdHJaOA04SQrtk5L"), 512: (256, 2, "1khiTUNzZhfV2UUupZoIsPIbsMRBYVDqj"),
+           128: (64, 2, "1DQnefjk1hVICOEYPwE4-CZAZOvi1NSJz")}
+
+
+def _mixvpr_entries() -> list[ZooEntry]:
+    return [ZooEntry(f"mixvpr_resnet50_{dim}", f"MixVPR ResNet-50, {dim}-D, trained on GSV-Cities (Google Drive)",
+                     {"backbone": "resnet50conv4", "aggregation": "mixvpr", "mixvpr_out_channels": channels,
+                      "mixvpr_out_rows": rows}, "gsv", (320, 320), url=_DRIVE.format(file_id),
+                     filename=f"mixvpr_resnet50_{dim}.ckpt")
+            for dim, (channels, rows, file_id) in _MIXVPR.items()]
+
+
 def _backbone_entries() -> list[ZooEntry]:
     entries = [ZooEntry(f"imagenet_{backbone}_gem", f"{backbone} + GeM with torchvision's ImageNet weights "
                         "(no VPR training)", {"backbone": backbone, "aggregation": "gem"}, "backbone",
@@ -209,10 +223,11 @@ def _unavailable_entries() -> list[ZooEntry]:
     return [
         ZooEntry("netvlad_matlab_vgg16_pitts30k", "the original NetVLAD (MATLAB) VGG16 weights, 32768-D / 4096-D "
                  "with whitening", {}, "benchmark", unavailable=f"{later}: the MATLAB layout and its whitening"),
-        ZooEntry("mixvpr_resnet50_4096", "MixVPR ResNet-50, 4096-D, trained on GSV-Cities", {}, "benchmark",
-                 unavailable=f"{later}: MixVPR (the GSV-Cities issue)"),
-        ZooEntry("convap_resnet50_8192", "Conv-AP ResNet-50, trained on GSV-Cities", {}, "benchmark",
-                 unavailable=f"{later}: Conv-AP (the GSV-Cities issue)"),
+        *(ZooEntry(f"convap_resnet50_{dim}", f"Conv-AP ResNet-50, {dim}-D, trained on GSV-Cities", {}, "gsv",
+                   unavailable="its files are only in a Google Drive folder (drive.google.com/drive/folders/"
+                   "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL): download resnet50_ConvAP_<C>_2x2.ckpt and load it with "
+                   "model={'backbone': 'resnet50conv5', 'aggregation': 'convap', 'convap_out_channels': C, "
+                   "'resume_format': 'gsv'}") for dim in (512, 2048, 4096, 8192)),
         ZooEntry("salad_dinov2", "DINOv2 ViT-B/14 + SALAD, 8448-D", {}, "benchmark",
                  unavailable=f"{later}: DINOv2 and SALAD"),
         ZooEntry("boq_dinov2", "DINOv2 ViT-B/14 + BoQ, 12288-D", {}, "benchmark", unavailable=f"{later}: DINOv2 and BoQ"),

@@ -20,9 +20,23 @@ def architecture_differences(model_config: ml_collections.ConfigDict, saved_mode
     """"model.key=value (the run's: value)" for each architecture key that differs from the
     saved run's; with keep_defaults, a key left at its default is not a difference."""
     defaults = common.get_config().model
-    return [f"model.{key}={model_config[key]!r} (the run's: {saved_model[key]!r})"
+    saved = saved_architecture(saved_model)
+    return [f"model.{key}={model_config[key]!r} (the run's: {saved[key]!r})"
             for key in ARCHITECTURE_KEYS
-            if model_config[key] != saved_model[key] and not (keep_defaults and model_config[key] == defaults[key])]
+            if _value(model_config[key]) != _value(saved[key])
+            and not (keep_defaults and _value(model_config[key]) == _value(defaults[key]))]
+
+
+def _value(value):
+    """A config value as saved to JSON and read back (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def saved_architecture(saved_model: dict) -> dict:
+    """The architecture keys of a saved run's model section; keys a run saved before they
+    existed (the GSV-Cities aggregations' options) take their defaults."""
+    defaults = common.get_config().model
+    return {key: saved_model.get(key, defaults[key]) for key in ARCHITECTURE_KEYS}
 
 
 def _crn_from_netvlad(model_config: ml_collections.ConfigDict, saved_model: dict) -> bool:
@@ -46,9 +60,10 @@ def network_from_run(model_config: ml_collections.ConfigDict, run: Path, image_s
     if differences:
         raise ValueError(f"{run} was trained with another network: {', '.join(differences)}")
     model_config = model_config.copy_and_resolve_references()
+    architecture = saved_architecture(saved["model"])
     for key in ARCHITECTURE_KEYS:
         if not (crn and key == "aggregation"):
-            model_config[key] = saved["model"][key]
+            model_config[key] = architecture[key]
     model = geoloc_net.build(model_config, image_size)
     target = (geoloc_net.init_variables(model, image_size, seed) if crn  # the context module starts anew
               else geoloc_net.variable_shapes(model, image_size))
