@@ -14,6 +14,8 @@ Modes:
     checkpoints; then the best network is tested.
   train_cosplace: CosPlace's CosFace training over groups of classes (vgjax.train.cosplace), on
     the same engine.
+  train_gsv: GSV-Cities' places x K training with the multi-similarity loss (vgjax.train.gsv;
+    MixVPR, Conv-AP), on the same engine.
   pack: packs the train split at config.data.resize into config.data.packed_folder
     (array_record shards of JPEG or raw images, data.packed_encoding; vgjax.data.packed), which
     training then reads instead of the JPEGs.
@@ -42,12 +44,12 @@ import ml_collections
 from vgjax import baselines, demo, embed, eval_run, eval_table, profiling, sharding
 from vgjax import evaluate as evaluate_lib
 from vgjax.configs import common, validate
-from vgjax.data import demo_world, packed, synthetic
+from vgjax.data import demo_world, gsv_cities, packed, synthetic
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.models import export, pretrained
-from vgjax.train import checkpoint, cosplace, loop, runs, triplet
+from vgjax.train import checkpoint, cosplace, gsv, loop, runs, triplet
 
-MODES = ("demo", "train", "train_cosplace", "eval", "export", "profile", "pack", "print_config")
+MODES = ("demo", "train", "train_cosplace", "train_gsv", "eval", "export", "profile", "pack", "print_config")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str | None = None) -> dict:
@@ -62,13 +64,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
         sharding.initialize_distributed(config.train)
     workdir = Path(workdir)
     trained_here = checkpoint.run_folder(workdir) is not None
-    if trained_here and mode in ("train", "train_cosplace"):
+    if trained_here and mode in ("train", "train_cosplace", "train_gsv"):
         _check_same_architecture(config, workdir)  # before config.json is replaced
     if sharding.is_main_process():
         workdir.mkdir(parents=True, exist_ok=True)
         if not (trained_here and mode in ("eval", "export")):
             (workdir / checkpoint.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
-    runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace,
+    runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace, "train_gsv": run_train_gsv,
             "eval": run_eval, "export": run_export, "profile": run_profile, "pack": run_pack}
     return runs[mode](config, workdir)
 
@@ -100,6 +102,10 @@ def _prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...])
     shutil.rmtree(partial, ignore_errors=True)
     if kind == "cosplace":
         synthetic.build_cosplace_dataset(partial, seed=config.seed, image_size=tuple(config.data.resize))
+    elif kind == "gsv":  # GSV-Cities' layout in gsv_cities/, and aerial val/test splits beside it
+        gsv_cities.write_synthetic(partial / "gsv_cities", seed=config.seed, image_size=tuple(config.data.resize))
+        synthetic.build_aerial_dataset(partial, seed=config.seed, splits=("val", "test"), num_queries=20,
+                                       size_m=120.0, image_size=tuple(config.data.resize))
     else:
         synthetic.build_aerial_dataset(partial, seed=config.seed, splits=splits,
                                        image_size=tuple(config.data.resize))
@@ -301,6 +307,14 @@ def run_train_cosplace(config: ml_collections.ConfigDict, workdir: Path) -> dict
     diff = config_diff(config)
     return _write_results(workdir, loop.train_and_evaluate(config, workdir, cosplace.CosPlace(config),
                                                            config_diff=diff))
+
+
+def run_train_gsv(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """GSV-Cities training (places x K, multi-similarity) on data.gsv_cities_folder, validated
+    and tested on data.dataset_name's val/test splits; results.json."""
+    dataset_dir = prepare_dataset(config, ("val", "test"))
+    method = gsv.GSVCities(config, dataset_dir / config.data.gsv_cities_folder, dataset_dir)
+    return _write_results(workdir, loop.train_and_evaluate(config, workdir, method, config_diff=config_diff(config)))
 
 
 def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:

@@ -18,13 +18,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         datasets_folder="",  # root of the datasets; empty: the DATASETS_FOLDER environment variable
         dataset_name="pitts30k",  # reads <datasets_folder>/<dataset_name>/images/<split>
-        synthetic="",  # aerial | cosplace | doom: render a built-in synthetic dataset there if missing
+        synthetic="",  # aerial | cosplace | doom | gsv: render a built-in synthetic dataset there if missing
         synthetic_frames=600,  # doom: frames per database walk and per query walk, in each split
         resize=(480, 640),  # H, W for training and inference
         infer_batch_size=16,
         num_workers=2,  # host threads decoding images
         packed_folder="",  # training reads the train split packed at `resize` here (mode pack; vgjax.data.packed)
         packed_encoding="jpeg",  # jpeg | raw (5-20x faster to read, ~0.9 MB per 480x640 image): how mode pack stores images
+        gsv_cities_folder="",  # mode train_gsv: the GSV-Cities root (Dataframes/, Images/); relative: to the dataset folder
+        gsv_cities=(),  # its cities to train on; empty: GSV-Cities' 23 training cities
         val_positive_dist_threshold=25.0,  # metres: val/test positives, train soft positives
         train_positives_dist_threshold=10.0,  # metres: train hard positives
     ))
@@ -52,12 +54,15 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     config.train = ml_collections.ConfigDict(dict(
-        train_batch_size=4,  # triplet: query tuples per step; CosPlace: classes (images) per step
+        train_batch_size=4,  # triplet: query tuples per step; CosPlace: classes (images) per step; GSV: places per step
         criterion="triplet",
         margin=0.1,
         epochs_num=1000,
         patience=3,  # epochs without a better best_metric before stopping; 0: never stop early
         lr=1e-5,
+        warmup_steps=0,  # >0: lr rises linearly over the first N steps (GSV-Cities, MixVPR)
+        lr_milestones=(),  # epochs at which lr is multiplied by lr_gamma (torch MultiStepLR), e.g. (5, 10, 15)
+        lr_gamma=0.3,
         lr_crn_layer=5e-3,
         lr_crn_net=5e-4,
         optim="adam",
@@ -92,6 +97,18 @@ def get_config() -> ml_collections.ConfigDict:
         queries_per_epoch=5000,
         negs_num_per_query=10,
         neg_samples_num=1000,
+    ))
+
+    # GSV-Cities training (mode train_gsv): places x K batches (train.train_batch_size places),
+    # the multi-similarity miner and loss as GSV-Cities and MixVPR configure them.
+    config.gsv = ml_collections.ConfigDict(dict(
+        images_per_place=4,
+        min_images_per_place=4,  # places with fewer images are dropped
+        shuffle_all=False,  # False: places shuffled within each city, cities in order (GSV-Cities' loader)
+        miner_epsilon=0.1,
+        ms_alpha=1.0,
+        ms_beta=50.0,
+        ms_base=0.0,
     ))
 
     # CosPlace training (mode train_cosplace), reference.md §5: its folders, the partition into

@@ -9,7 +9,7 @@ the rules with a runtime use stay there too (`loop.best_metric_n`, `AugmentConfi
 `check_positions`, `index.check_params`): this module lists no value of its own.
 
 A rule applies only where the mode reads the option: training options are checked in the
-training modes (train, train_cosplace, demo), eval options wherever a split is evaluated.
+training modes (train, train_cosplace, train_gsv, demo), eval options wherever a split is evaluated.
 `--mode eval` and `--mode export` with neither model.resume nor a training run in the workdir
 refuse model.pretrain=none (random weights are never evaluated or exported silently);
 model.pretrain=random asks for them on purpose.
@@ -36,24 +36,27 @@ from vgjax import eval_run, evaluate, sharding
 from vgjax import index as index_lib
 from vgjax.data import augment, packed, synthetic
 from vgjax.models import geoloc_net, netvlad_init, pretrained, registry
-from vgjax.train import checkpoint, cosplace, loop, losses, mining, state
+from vgjax.train import checkpoint, cosplace, gsv, loop, losses, mining, state
 
-TRAINING_MODES = ("train", "train_cosplace", "demo")
+TRAINING_MODES = ("train", "train_cosplace", "train_gsv", "demo")
 TRIPLET_MODES = ("train", "demo")
 EVALUATING_MODES = ("eval",) + TRAINING_MODES  # the modes that test on a split
 
 # The options each mode does not read (a section ends with "."); the multi-process settings are
 # read by all.
-_TRAINING_ONLY = ("train.", "mining.", "cosplace.", "data.packed_folder", "data.packed_encoding",
+_GSV_ONLY = ("gsv.", "data.gsv_cities_folder", "data.gsv_cities")
+_TRAINING_ONLY = ("train.", "mining.", "cosplace.", *_GSV_ONLY, "data.packed_folder", "data.packed_encoding",
                   "data.train_positives_dist_threshold", "model.freeze_te", "model.frozen_bn")
 _IGNORED = {
     "eval": _TRAINING_ONLY,
-    "profile": ("train.", "mining.", "cosplace.", "eval."),
-    "export": ("train.", "mining.", "cosplace.", "eval."),
-    "pack": ("model.", "train.", "mining.", "cosplace.", "eval."),
-    "train": ("cosplace.", "eval.datasets"),
-    "train_cosplace": ("mining.", "train.criterion", "train.margin", "eval.datasets"),
-    "demo": ("cosplace.", "eval.datasets"),
+    "profile": ("train.", "mining.", "cosplace.", *_GSV_ONLY, "eval."),
+    "export": ("train.", "mining.", "cosplace.", *_GSV_ONLY, "eval."),
+    "pack": ("model.", "train.", "mining.", "cosplace.", *_GSV_ONLY, "eval."),
+    "train": ("cosplace.", *_GSV_ONLY, "eval.datasets"),
+    "train_cosplace": ("mining.", *_GSV_ONLY, "train.criterion", "train.margin", "eval.datasets"),
+    "train_gsv": ("mining.", "cosplace.", "train.criterion", "train.margin", "eval.datasets",
+                  "data.packed_folder", "data.packed_encoding", "data.train_positives_dist_threshold"),
+    "demo": ("cosplace.", *_GSV_ONLY, "eval.datasets"),
 }
 _READ_BY_EVERY_MODE = ("train.distributed", "train.coordinator_address", "train.num_processes",
                        "train.process_id", "train.heartbeat_timeout_seconds")
@@ -80,6 +83,8 @@ def check(config: ml_collections.ConfigDict, mode: str, workdir: str | os.PathLi
         problems += _check_mining(config)
     if mode == "train_cosplace":
         problems += _check_cosplace(config)
+    if mode == "train_gsv":
+        problems += _check_gsv(config)
     if mode in (*EVALUATING_MODES, "export") and not problems:
         problems += _check_weights(config, mode, workdir)
     if mode in TRAINING_MODES and not problems:
@@ -246,6 +251,7 @@ def _check_training(config) -> list[str]:
                 *_at_least(config, ("train.lr", "train.lr_crn_layer", "train.lr_crn_net"), 0, integer=False),
                 *_at_least(config, ("data.train_positives_dist_threshold",), 0, integer=False),
                 *_one_of(config, "train.optim", state.OPTIMIZERS),
+                *_check_schedule(config),
                 *_model_rule(loop.best_metric_n, config)]
     try:
         augment.AugmentConfig.from_config(config.train)
@@ -260,6 +266,9 @@ def _check_mining(config) -> list[str]:
                 *_one_of(config, "train.criterion", tuple(losses.LOSSES)),
                 *_at_least(config, ("mining.queries_per_epoch", "mining.cache_refresh_rate",
                                     "mining.negs_num_per_query", "mining.neg_samples_num"), 1)]
+    if config.train.lr_milestones:
+        problems.append(f"train.lr_milestones={tuple(config.train.lr_milestones)!r}: triplet training's epochs have "
+                        "no fixed number of steps (mining decides them); use train.warmup_steps only")
     rate, batch = config.mining.cache_refresh_rate, config.train.train_batch_size
     if not problems and _number(batch, 1, integer=True) and rate < batch:
         problems.append(f"mining.cache_refresh_rate={rate}: smaller than train.train_batch_size={batch}, "
@@ -274,6 +283,30 @@ def _check_cosplace(config) -> list[str]:
                  for key in ("train_folder", "val_folder", "test_folder") if not config.cosplace[key]]
     return problems + [*_at_least(config, ("cosplace.iterations_per_epoch",), 1),
                        *_at_least(config, ("cosplace.classifiers_lr",), 0, integer=False)]
+
+
+def _check_gsv(config) -> list[str]:
+    problems = [f"train.{key}={config.train[key]!r}: GSV-Cities training does not use the triplet recipe's "
+                "augmentations; unset it" for key in gsv.UNSUPPORTED if config.train[key]]
+    if not config.data.gsv_cities_folder:
+        problems.append("data.gsv_cities_folder='': GSV-Cities training needs the dataset's folder "
+                        "(holding Dataframes/ and Images/)")
+    problems += [*_at_least(config, ("gsv.images_per_place",), 2),
+                 *_at_least(config, ("gsv.min_images_per_place",), 1),
+                 *_at_least(config, ("gsv.miner_epsilon", "gsv.ms_base"), 0, integer=False),
+                 *_at_least(config, ("gsv.ms_alpha", "gsv.ms_beta"), 1e-6, integer=False)]
+    if not problems and config.gsv.min_images_per_place < config.gsv.images_per_place:
+        problems.append(f"gsv.min_images_per_place={config.gsv.min_images_per_place}: below gsv.images_per_place="
+                        f"{config.gsv.images_per_place}, so a place could not give its images")
+    return problems
+
+
+def _check_schedule(config) -> list[str]:
+    milestones = tuple(config.train.lr_milestones)
+    problems = [*_at_least(config, ("train.warmup_steps",), 0), *_at_least(config, ("train.lr_gamma",), 0, integer=False)]
+    if not all(_number(m, 1, integer=True) for m in milestones) or list(milestones) != sorted(set(milestones)):
+        problems.append(f"train.lr_milestones={milestones!r}: increasing epochs >= 1")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from vgjax.data.vg_folder import format_image_name
 
 # The built-in datasets `data.synthetic` names: aerial and cosplace are rendered here, doom (the
 # ViZDoom world) by vgjax.data.demo_world.
-KINDS = ("aerial", "cosplace", "doom")
+KINDS = ("aerial", "cosplace", "doom", "gsv")
 # A UTM origin in zone 17T (Pittsburgh), so synthetic coordinates look like real ones.
 UTM_ORIGIN = (584_000.0, 4_477_000.0)
 UTM_ZONE = (17, "T")

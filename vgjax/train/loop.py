@@ -43,6 +43,7 @@ from vgjax.data.vg_folder import Split
 from vgjax.metrics import MetricWriter
 from vgjax.models import geoloc_net, netvlad_init, pretrained
 from vgjax.train import checkpoint, runs
+from vgjax.train import state as state_lib
 from vgjax.train.state import Head, TrainState, create_state
 
 # Steps queued on the device at most: enough to keep it busy while the host prepares the next
@@ -110,6 +111,11 @@ class Method:
     def images_per_batch(self) -> int:
         raise NotImplementedError
 
+    def steps_per_epoch(self) -> int:
+        """Training steps in an epoch, known before any round starts (it places the learning-rate
+        milestones, train.lr_milestones)."""
+        return self.batches_per_round() * self.rounds_per_epoch()
+
     def batches(self, progress: Progress) -> Iterator[dict]:
         """This process's share of the round's batches from progress.batch on (numpy)."""
         raise NotImplementedError
@@ -165,7 +171,9 @@ class Run:
                                                               weights_from_checkpoint=resuming)
         if config.model.aggregation in ("netvlad", "crn") and not config.model.resume and not resuming:
             variables = self._initialize_netvlad(variables)
-        state, self.tx = create_state(config, variables, config.seed, train_all_layers=method.train_all_layers)
+        self.steps_per_epoch = method.steps_per_epoch() if config.train.lr_milestones else 1
+        state, self.tx = create_state(config, variables, config.seed, train_all_layers=method.train_all_layers,
+                                      steps_per_epoch=self.steps_per_epoch)
         self.state: TrainState = sharding.replicate(state, self.mesh)
         self.embed = embed.make_sharded_embed_fn(self.model, self.mesh)
         self.embed_fn = self._make_embed_fn()
@@ -189,6 +197,11 @@ class Run:
 
         embed_fn.process_count = self.embed.process_count
         return embed_fn
+
+    def learning_rate(self, step: int) -> float:
+        """train.lr at training step `step` (0 = the first), on its schedule (state.learning_rate)."""
+        lr = state_lib.learning_rate(self.config.train, self.config.train.lr, self.steps_per_epoch)
+        return float(lr(step)) if callable(lr) else float(lr)
 
     def validate(self, split: Split) -> evaluate.EvaluationResult:
         """Recalls on `split` with the current params: hard_resize, flat index, no PCA (as the
@@ -243,9 +256,10 @@ class StepMetrics:
     def add(self, metrics: dict) -> None:
         self.pending.append(metrics)
 
-    def read(self, progress: Progress) -> list[float]:
-        """The pending losses (also added to the epoch's in `progress`); raises FloatingPointError
-        naming the first step whose loss or updated parameters are not finite."""
+    def read(self, progress: Progress) -> list[dict[str, float]]:
+        """The pending steps' metrics (their losses also added to the epoch's in `progress`);
+        raises FloatingPointError naming the first step whose loss or updated parameters are
+        not finite."""
         values = jax.device_get(self.pending)
         first = progress.step - len(values)
         for i, value in enumerate(values):
@@ -255,10 +269,10 @@ class StepMetrics:
                     f"({self.where}); stopped without saving: the last good checkpoint in "
                     f"{self.run.workdir / checkpoint.CHECKPOINT_FOLDER} is kept")
         self.pending = []
-        losses = [float(value["loss"]) for value in values]
-        progress.epoch_loss_sum += sum(losses)
-        progress.epoch_loss_count += len(losses)
-        return losses
+        records = [{name: float(v) for name, v in value.items() if name != "finite"} for value in values]
+        progress.epoch_loss_sum += sum(record["loss"] for record in records)
+        progress.epoch_loss_count += len(records)
+        return records
 
 
 def prefetch_to_device(batches: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
@@ -310,12 +324,14 @@ def _train_round(run: Run, progress: Progress) -> None:
     progress.train_images_per_second.append(rate)
 
 
-def _log_losses(run: Run, progress: Progress, losses: list[float], bar) -> None:
-    if not losses:
+def _log_losses(run: Run, progress: Progress, records: list[dict[str, float]], bar) -> None:
+    """The mean of each metric of the steps read (the loss, and any the method's loss reports),
+    and the learning rate of the last one."""
+    if not records:
         return
-    loss = float(np.mean(losses))
-    bar.set_postfix(loss=f"{loss:.4f}")
-    run.metrics.write(progress.step, {"loss": loss, "lr": float(run.config.train.lr),
+    means = {name: float(np.mean([record[name] for record in records])) for name in records[0]}
+    bar.set_postfix({name: f"{value:.4f}" for name, value in means.items()})
+    run.metrics.write(progress.step, {**means, "lr": run.learning_rate(progress.step - 1),
                                       "epoch": progress.epoch, "round": progress.round}, prefix="train/")
 
 

@@ -7,7 +7,7 @@ early layers instead of computing gradients that an optimizer mask would then di
 A method (triplet, CosPlace, ...) supplies only its input preparation and its loss; `update`
 runs the network in training mode, differentiates, and applies the gradients to the network
 and, where the method has one, to its head (e.g. CosPlace's classifier). Every step returns
-`{"loss": float32 [], "finite": bool []}`: "finite" is False when the loss or any updated
+`{"loss": float32 [], "finite": bool []}` (and any metrics the loss reports): "finite" is False when the loss or any updated
 parameter is not finite, so the loop can refuse to save a broken network without reading
 anything back from the device after each step.
 """
@@ -20,6 +20,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -74,7 +75,24 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
                                          **traverse_util.flatten_dict(frozen)})
 
 
-def base_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+def learning_rate(train_config: ml_collections.ConfigDict, base: float, steps_per_epoch: int) -> optax.ScalarOrSchedule:
+    """`base`, or with train.warmup_steps / train.lr_milestones the schedule of GSV-Cities and
+    MixVPR: lr(step) = base * min(1, (step + 1) / warmup_steps) * lr_gamma^(milestones <= epoch),
+    epoch = step // steps_per_epoch (torch's MultiStepLR stepped every epoch, and the linear
+    warm-up they apply on top of it)."""
+    warmup, milestones, gamma = train_config.warmup_steps, tuple(train_config.lr_milestones), train_config.lr_gamma
+    if not warmup and not milestones:
+        return base
+
+    def schedule(step):
+        step = jnp.asarray(step)
+        scale = jnp.minimum(1.0, (step + 1) / warmup) if warmup else 1.0
+        passed = jnp.sum(jnp.asarray(milestones or (np.inf,)) <= step // max(steps_per_epoch, 1))
+        return base * scale * gamma ** passed
+    return schedule
+
+
+def base_optimizer(name: str, lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
     """torch's Adam (default betas, no weight decay) or SGD(momentum 0.9, weight decay 1e-3)."""
     if name == "adam":
         return optax.adam(lr)
@@ -85,28 +103,33 @@ def base_optimizer(name: str, lr: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict, aggregation: str,
-                   trainable: dict) -> optax.GradientTransformation:
+                   trainable: dict, steps_per_epoch: int = 1) -> optax.GradientTransformation:
     """The optimizer over the trainable params. With CRN, its context module learns at
-    lr_crn_layer and everything else at lr_crn_net (reference §2.5); otherwise all at lr."""
+    lr_crn_layer and everything else at lr_crn_net (reference §2.5); otherwise all at lr; each
+    on the schedule of `learning_rate`."""
+    def optimizer(base: float) -> optax.GradientTransformation:
+        return base_optimizer(train_config.optim, learning_rate(train_config, base, steps_per_epoch))
+
     if aggregation != "crn":
-        return base_optimizer(train_config.optim, train_config.lr)
+        return optimizer(train_config.lr)
     labels = traverse_util.unflatten_dict({
         path: "crn" if path[:2] == ("aggregation", "crn") else "net"
         for path in traverse_util.flatten_dict(trainable)})
-    return optax.multi_transform(
-        {"crn": base_optimizer(train_config.optim, train_config.lr_crn_layer),
-         "net": base_optimizer(train_config.optim, train_config.lr_crn_net)}, labels)
+    return optax.multi_transform({"crn": optimizer(train_config.lr_crn_layer),
+                                  "net": optimizer(train_config.lr_crn_net)}, labels)
 
 
 def create_state(config: ml_collections.ConfigDict, variables: dict, seed: int, *,
-                 train_all_layers: bool = False) -> tuple[TrainState, optax.GradientTransformation]:
+                 train_all_layers: bool = False, steps_per_epoch: int = 1
+                 ) -> tuple[TrainState, optax.GradientTransformation]:
     """The initial TrainState for `variables` and the optimizer that goes with it. The
-    benchmark's frozen layers stay fixed unless `train_all_layers`."""
+    benchmark's frozen layers stay fixed unless `train_all_layers`; `steps_per_epoch` places the
+    learning-rate milestones (train.lr_milestones)."""
     mask = geoloc_net.trainable_mask(config.model, variables["params"])
     if train_all_layers:
         mask = jax.tree.map(lambda _: True, mask)
     trainable, frozen = split_params(variables["params"], mask)
-    tx = make_optimizer(config.train, config.model.aggregation, trainable)
+    tx = make_optimizer(config.train, config.model.aggregation, trainable, steps_per_epoch)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(trainable),
                        key=jax.random.PRNGKey(seed))
@@ -126,7 +149,9 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
 
 
-LossFn = Callable[[jax.Array, Any], jax.Array]  # (descriptors [B, D], head params or None) -> loss []
+# (descriptors [B, D], head params or None) -> loss [], or (loss [], {name: float32 []}) with
+# metrics the step reports beside the loss (e.g. GSV-Cities' b_acc).
+LossFn = Callable[[jax.Array, Any], jax.Array | tuple[jax.Array, dict]]
 
 
 def update(state: TrainState, head: Head | None, images: jax.Array, loss_fn: LossFn, *,
@@ -142,17 +167,19 @@ def update(state: TrainState, head: Head | None, images: jax.Array, loss_fn: Los
       loss_fn: (descriptors float32 [B, D], head params or None) -> float32 [].
 
     Returns:
-      (new state, new head, {"loss": float32 [], "finite": bool []}).
+      (new state, new head, {"loss": float32 [], "finite": bool [], and the loss's metrics}).
     """
     def compute_loss(trainable, head_params):
         params = merge_params(trainable, state.frozen)
         descriptors, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_key})
-        return loss_fn(descriptors, head_params), updates.get("batch_stats", state.batch_stats)
+        out = loss_fn(descriptors, head_params)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        return loss, (updates.get("batch_stats", state.batch_stats), metrics)
 
     head_params = None if head is None else head.params
-    (loss, batch_stats), (grads, head_grads) = jax.value_and_grad(
+    (loss, (batch_stats, loss_metrics)), (grads, head_grads) = jax.value_and_grad(
         compute_loss, argnums=(0, 1), has_aux=True)(state.trainable, head_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
@@ -162,4 +189,4 @@ def update(state: TrainState, head: Head | None, images: jax.Array, loss_fn: Los
         head_updates, head_opt = head_tx.update(head_grads, head.opt_state, head.params)
         head = Head(optax.apply_updates(head.params, head_updates), head_opt)
     finite = jnp.isfinite(loss) & all_finite((trainable, batch_stats, head_params if head is None else head.params))
-    return state, head, {"loss": loss, "finite": finite}
+    return state, head, {"loss": loss, "finite": finite, **loss_metrics}
