@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from torch_helpers import import_torchvision  # noqa: E402
-from torch_reference import BenchmarkNet, CCTBackbone, benchmark_aggregation  # noqa: E402
+from torch_reference import BenchmarkNet, CCTBackbone, TorchConvAP, TorchMixVPR, benchmark_aggregation  # noqa: E402
 
 from vgjax.data import augment  # noqa: E402
 from vgjax.models import registry  # noqa: E402
@@ -122,3 +122,40 @@ def time_train_step(net: nn.Module, images: np.ndarray, tuples: int, negs: int, 
     first, seconds = first_and_median_seconds(step, iterations)
     return {"seconds_per_step": seconds, "images_per_second": len(images) / seconds,
             "triplets_per_second": tuples * negs / seconds, "first_step_seconds": first}
+
+
+def gsv_network(model_config, feature_hw: tuple[int, int]) -> nn.Module:
+    """A GSV-Cities network (ResNet + MixVPR or Conv-AP, random weights) for a vgjax model
+    config whose backbone outputs `feature_hw` maps."""
+    channels = registry.backbone(model_config.backbone).channels
+    if model_config.aggregation == "mixvpr":
+        head = TorchMixVPR(channels, *feature_hw, out_channels=model_config.mixvpr_out_channels,
+                           mix_depth=model_config.mixvpr_mix_depth, mlp_ratio=model_config.mixvpr_mlp_ratio,
+                           out_rows=model_config.mixvpr_out_rows)
+    else:
+        head = TorchConvAP(channels, model_config.convap_out_channels, *model_config.convap_pool)
+    return BenchmarkNet(backbone(model_config.backbone), head)
+
+
+def time_gsv_step(net: nn.Module, images: np.ndarray, labels: np.ndarray, iterations: int, lr: float = 0.05) -> dict:
+    """GSV-Cities' training step on one places x K batch: forward in train mode,
+    pytorch-metric-learning's MultiSimilarityMiner(0.1) and MultiSimilarityLoss(1, 50, 0),
+    backward, SGD(momentum 0.9, weight decay 1e-3). Median seconds per step after one warm-up."""
+    from pytorch_metric_learning import distances, losses, miners  # noqa: PLC0415 (a test dependency)
+
+    net = net.train().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, momentum=0.9,
+                                weight_decay=1e-3)
+    miner = miners.MultiSimilarityMiner(epsilon=0.1, distance=distances.CosineSimilarity())
+    criterion = losses.MultiSimilarityLoss(alpha=1.0, beta=50, base=0.0, distance=distances.DotProductSimilarity())
+    batch, targets = to_input(images), torch.from_numpy(labels).long()
+
+    def step():
+        descriptors = net(normalize(batch))
+        loss = criterion(descriptors, targets, miner(descriptors, targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    first, seconds = first_and_median_seconds(step, iterations)
+    return {"seconds_per_step": seconds, "images_per_second": len(images) / seconds, "first_step_seconds": first}

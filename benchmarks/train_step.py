@@ -5,6 +5,14 @@
   python benchmarks/train_step.py --backbone resnet50conv4 --aggregation netvlad --torch
   python benchmarks/train_step.py --cosplace         # CosPlace's step: 32 x 512x512, GeM + FC 512
   python benchmarks/train_step.py --overhead         # host overhead per step of the whole training loop
+  python benchmarks/train_step.py --gsv --torch      # MixVPR's step: ResNet-50 conv4 + MixVPR 4096-D, 320x320
+  python benchmarks/train_step.py --gsv --quick --torch   # 8 places x 4 images of 160x160
+
+--gsv: GSV-Cities' step as configs/gsv_resnet50_mixvpr_4096.py trains it (multi-similarity
+miner and loss, SGD, the first two ResNet stages frozen) on 16 places x 4 images (a tenth of
+the recipe's 120 x 4, which takes minutes per step on a laptop CPU), in float32 on the CPU (the
+recipe computes in bfloat16 on accelerators); --torch times the same network, loss (with
+pytorch-metric-learning) and batch in torch.
 
 One step = forward in train mode, triplet loss, backward, Adam, on the reference batch of
 `train_batch_size` (4) tuples of (query, positive, 10 negatives) = 48 images, with the stages
@@ -41,7 +49,7 @@ from vgjax.configs import common  # noqa: E402
 from vgjax import experiment, profiling  # noqa: E402
 from vgjax.data import augment  # noqa: E402
 from vgjax.models import geoloc_net  # noqa: E402
-from vgjax.train import cosplace, losses, state as train_state, triplet  # noqa: E402
+from vgjax.train import cosplace, gsv, losses, state as train_state, triplet  # noqa: E402
 
 
 def _timed(step, args, iterations: int) -> tuple[float, float]:
@@ -110,6 +118,38 @@ def time_cosplace_step(size, iterations: int, batch_size: int = 32) -> dict:
     return {"seconds_per_step": seconds, "images_per_second": batch_size / seconds, "first_step_seconds": first}
 
 
+def time_gsv_step(size, places: int, iterations: int, with_torch: bool) -> dict:
+    """MixVPR's GSV-Cities step (vgjax, and torch with `with_torch`) on places x 4 random images."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
+    import gsv_resnet50_mixvpr_4096  # noqa: PLC0415
+
+    config = gsv_resnet50_mixvpr_4096.get_config()
+    config.model.update(dtype="float32", pretrain="none")
+    model = geoloc_net.build(config.model, size)
+    state, tx = train_state.create_state(config, geoloc_net.init_variables(model, size), seed=0)
+    step = jax.jit(functools.partial(gsv.gsv_step, model=model, tx=tx, augmentation=(0.0,) * 5, epsilon=0.1,
+                                     alpha=1.0, beta=50.0, base=0.0), donate_argnums=(0,))
+    k = config.gsv.images_per_place
+    batch = {"images": np.random.default_rng(0).integers(0, 256, (places * k, *size, 3), np.uint8),
+             "labels": np.repeat(np.arange(places, dtype=np.int32), k)}
+    tick = time.perf_counter()
+    compiled = step.lower(state, None, batch).compile()
+    compile_seconds = time.perf_counter() - tick
+    first, seconds = _timed(lambda s: (compiled(s, None, batch)[0],), (state,), iterations)
+    results = {"network": "resnet50conv4+mixvpr (4096-D)", "image_size": size, "images_per_step": places * k,
+               "vgjax": {"seconds_per_step": seconds, "images_per_second": places * k / seconds,
+                         "first_step_seconds": first, "compile_seconds": compile_seconds}}
+    if with_torch:
+        from benchmarks import torch_side  # noqa: PLC0415 (torch is optional)
+
+        torch_side.use_xla_threads()
+        net = torch_side.gsv_network(config.model, (size[0] // 16, size[1] // 16))
+        torch_side.freeze_like_the_benchmark(net, config.model.backbone)
+        results["torch"] = torch_side.time_gsv_step(net, batch["images"], batch["labels"], iterations, lr=config.train.lr)
+        results["ratio"] = results["vgjax"]["images_per_second"] / results["torch"]["images_per_second"]
+    return results
+
+
 def measure_overhead(iterations: int) -> dict:
     """Host overhead per step: the training loop's steps/s against the step alone (32x32)."""
     config = smoke_train.get_config()
@@ -138,6 +178,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--cosplace", action="store_true", help="only CosPlace's train step")
     parser.add_argument("--overhead", action="store_true", help="only the training loop's host overhead")
+    parser.add_argument("--gsv", action="store_true", help="only GSV-Cities' MixVPR train step")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
     iterations = args.iterations or (2 if args.quick else 3)
@@ -146,6 +187,19 @@ def main() -> None:
         print(f"training loop at 32x32, 4 images/step: {overhead['loop_ms_per_step']:.1f} ms/step; the step "
               f"alone {overhead['step_alone_ms']:.1f} ms; host overhead {overhead['host_overhead_ms_per_step']:.1f} "
               "ms/step")
+        return
+    if args.gsv:
+        size = tuple(args.size or ((160, 160) if args.quick else (320, 320)))
+        results = time_gsv_step(size, 8 if args.quick else 16, iterations, args.torch)
+        print(f"GSV-Cities step, {results['network']}, {results['images_per_step']} images of {size[0]}x{size[1]}:")
+        for name in ("vgjax", "torch"):
+            if name in results:
+                r = results[name]
+                print(f"  {name:<6} {r['seconds_per_step']:7.2f} s/step {r['images_per_second']:7.2f} img/s  "
+                      f"first step {r['first_step_seconds']:.1f} s"
+                      + (f" (+ compile {r['compile_seconds']:.1f} s)" if "compile_seconds" in r else ""))
+        if "ratio" in results:
+            print(f"  ratio vgjax/torch: {results['ratio']:.2f}")
         return
     if args.cosplace:
         size = tuple(args.size or ((128, 128) if args.quick else (512, 512)))
