@@ -114,6 +114,13 @@ def test_mode_specific_options(tmp_path):
     lines = _refused(config, tmp_path, mode="train_cosplace").splitlines()
     assert lines[0].startswith("train.horizontal_flip=True: CosPlace training does not use")
     assert lines[1] == "cosplace.val_folder='': CosPlace training needs it"
+    config = _config(tmp_path, **{"gsv.min_images_per_place": 3, "train.lr_milestones": (5, 2)})
+    lines = _refused(config, tmp_path, mode="train_gsv").splitlines()
+    assert lines == ["train.lr_milestones=(5, 2): increasing epochs >= 1",
+                     "data.gsv_cities_folder='': GSV-Cities training needs the dataset's folder (holding Dataframes/ and Images/)"]
+    config.data.gsv_cities_folder, config.train.lr_milestones = "gsv", (2, 5)
+    assert _refused(config, tmp_path, mode="train_gsv").startswith("gsv.min_images_per_place=3: below gsv.images_per_place=4")
+    assert "triplet training's epochs have no fixed number of steps" in _refused(config, tmp_path, mode="train")
     # Training-only options are not checked where they are not read.
     validate.check(_config(tmp_path, **{"train.lr": -1.0, "model.pretrain": "random"}), "eval", tmp_path)
 
@@ -123,6 +130,8 @@ def test_the_shipped_configs_pass(tmp_path, name):
     config = importlib.import_module(f"configs.{name}").get_config()
     if config.mode == "train_cosplace":
         config.cosplace.update(train_folder="train", val_folder="val", test_folder="test")
+    if config.mode == "train_gsv" and not config.data.gsv_cities_folder:  # given on the command line
+        config.data.gsv_cities_folder = "/data/gsv_cities"
     validate.check(config, config.mode, tmp_path)
 
 
