@@ -99,7 +99,7 @@ def test_learning_rate_warm_up_and_milestones_as_gsv_cities():
 
 def _launch(workdir, datasets, *options):
     return [sys.executable, "launch.py", "--config=configs/smoke_gsv.py", f"--workdir={workdir}",
-            f"--config.data.datasets_folder={datasets}", "--nocompilation_cache", *options]
+            f"--config.data.datasets_folder={datasets}", *options]
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ def test_aerial_baseline_eval_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     pictures = workdir / "predictions" / "maj_voting"
     assert sorted(p.name for p in (pictures / "preds").iterdir()) == ["000.jpg", "000.txt", "099.jpg", "099.txt"]  # spread: first and last
-    assert (pictures / "recalls.png").exists() and (pictures / "map.png").exists()
+    assert (pictures / "map.png").exists() and not (pictures / "recalls.png").exists()
+    assert (workdir / "predictions" / "recalls.png").exists()  # one plot of every test method
     results = json.loads((workdir / "results.json").read_text())
     assert list(results["results"]) == list(evaluate.TEST_METHODS)
     for method, entry in results["results"].items():

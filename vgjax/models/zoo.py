@@ -2,9 +2,9 @@
 
 `load(source)` takes
 - a zoo name (`available()` lists them): the public checkpoints VPR users evaluate (CosPlace,
-  EigenPlaces, the benchmark's model zoo, MixVPR) and ImageNet/Places365 backbones with GeM. The file is
-  downloaded once into the weights cache (`weights_cache`), checked against its sha256, and read
-  from the cache (or a copy put there by hand) when offline;
+  EigenPlaces, the benchmark's model zoo, MixVPR) and ImageNet/Places365 backbones with GeM.
+  The file is downloaded once into the weights cache (`weights_cache`), checked against its
+  sha256, and read from the cache (or a copy put there by hand) when offline;
 - a vgjax model file (`*.vgjax.safetensors`, from `--mode export`), which describes itself;
 - a vgjax training workdir (its best checkpoint, with the architecture it was trained with);
 - a benchmark (zoo or train.py) or CosPlace/EigenPlaces weights file, with `model=` saying
@@ -46,8 +46,9 @@ class ZooEntry:
       description: one line for listings: what it is, what it was trained on.
       model: the model config keys that differ from the defaults (backbone, aggregation, ...).
       weights: how the file is read: "cosplace" (CosPlace/EigenPlaces torch.hub layout),
-        "benchmark" (the benchmark's zoo), "gsv" (MixVPR / Conv-AP releases), "backbone" (torchvision ImageNet weights; the
-        aggregation keeps its initial values, GeM's p = 3), "places365" (vgjax.models.places365).
+        "benchmark" (the benchmark's zoo), "gsv" (MixVPR / Conv-AP releases), "backbone"
+        (torchvision ImageNet weights; the aggregation keeps its initial values, GeM's p = 3),
+        "places365" (vgjax.models.places365).
       image_size: (H, W) it is evaluated at by default.
       url: where the weights file is (http(s):// or file://); "" for places365.
       sha256: the file's sha256 (hex); None where its publisher gives none (the digest of the
