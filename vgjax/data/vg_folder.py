@@ -98,7 +98,7 @@ def parse_image_name(path: str | os.PathLike) -> dict[str, float | str]:
     return fields
 
 
-def _format_coord(value: float, left: int, right: int) -> str:
+def format_coord(value: float, left: int, right: int) -> str:
     """Zero-padded fixed-point, e.g. (584543.41, 7, 2) -> '0584543.41', (-79.95, 4, 5) -> '-079.95000'."""
     return f"{value:0={left + right + 1}.{right}f}"
 
@@ -120,15 +120,15 @@ def format_image_name(east: float, north: float, **fields) -> str:
         raise ValueError(f"unknown file-name fields {sorted(unknown)}; valid: {FIELD_NAMES}")
     formatters = {
         "zone_number": lambda v: f"{int(v):02d}",
-        "lat": lambda v: _format_coord(float(v), 3, 5),
-        "lon": lambda v: _format_coord(float(v), 4, 5),
+        "lat": lambda v: format_coord(float(v), 3, 5),
+        "lon": lambda v: format_coord(float(v), 4, 5),
         "tile_num": lambda v: f"{int(v):02d}",
         "heading": lambda v: f"{int(float(v)):03d}",
         "pitch": lambda v: f"{int(float(v)):03d}",
         "roll": lambda v: f"{float(v):g}",
         "height": lambda v: f"{float(v):g}",
     }
-    texts = [_format_coord(east, 7, 2), _format_coord(north, 7, 2)]
+    texts = [format_coord(east, 7, 2), format_coord(north, 7, 2)]
     for field_name in FIELD_NAMES[2:]:
         value = fields.get(field_name)
         if value is None or value == "":
