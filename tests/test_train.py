@@ -449,8 +449,10 @@ def test_step_metrics_name_the_first_non_finite_step():
     with pytest.raises(FloatingPointError, match=r"at step 8 \(epoch 1/2 round 1/2\).*/w/checkpoints is kept"):
         metrics.read(loop.Progress(step=8))
     metrics = loop.StepMetrics(FakeRun(), "")
-    metrics.add({"loss": jnp.float32(0.5), "finite": jnp.bool_(True)})
-    assert metrics.read(loop.Progress(step=1)) == [0.5]
+    metrics.add({"loss": jnp.float32(0.5), "finite": jnp.bool_(True), "b_acc": jnp.float32(0.25)})
+    progress = loop.Progress(step=1)
+    assert metrics.read(progress) == [{"loss": 0.5, "b_acc": 0.25}]  # a method's own metrics come along
+    assert (progress.epoch_loss_sum, progress.epoch_loss_count) == (0.5, 1)
 
 
 def test_smoke_config_is_valid():
