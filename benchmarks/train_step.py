@@ -168,6 +168,20 @@ def measure_overhead(iterations: int) -> dict:
     return {"loop_ms_per_step": loop_ms, "step_alone_ms": step_ms, "host_overhead_ms_per_step": loop_ms - step_ms}
 
 
+def _print_steps(results: dict) -> None:
+    """One line per framework (s/step, img/s, triplets/s where measured, first step, compile)
+    and their ratio."""
+    for name in ("vgjax", "torch"):
+        if name in results:
+            r = results[name]
+            triplets = f"{r['triplets_per_second']:7.2f} triplets/s" if "triplets_per_second" in r else ""
+            print(f"  {name:<6} {r['seconds_per_step']:7.2f} s/step {r['images_per_second']:7.2f} img/s {triplets} "
+                  f"first step {r['first_step_seconds']:.1f} s"
+                  + (f" (+ compile {r['compile_seconds']:.1f} s)" if "compile_seconds" in r else ""))
+    if "ratio" in results:
+        print(f"  ratio vgjax/torch: {results['ratio']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="120x160 images")
@@ -192,14 +206,7 @@ def main() -> None:
         size = tuple(args.size or ((160, 160) if args.quick else (320, 320)))
         results = time_gsv_step(size, 8 if args.quick else 16, iterations, args.torch)
         print(f"GSV-Cities step, {results['network']}, {results['images_per_step']} images of {size[0]}x{size[1]}:")
-        for name in ("vgjax", "torch"):
-            if name in results:
-                r = results[name]
-                print(f"  {name:<6} {r['seconds_per_step']:7.2f} s/step {r['images_per_second']:7.2f} img/s  "
-                      f"first step {r['first_step_seconds']:.1f} s"
-                      + (f" (+ compile {r['compile_seconds']:.1f} s)" if "compile_seconds" in r else ""))
-        if "ratio" in results:
-            print(f"  ratio vgjax/torch: {results['ratio']:.2f}")
+        _print_steps(results)
         return
     if args.cosplace:
         size = tuple(args.size or ((128, 128) if args.quick else (512, 512)))
@@ -220,14 +227,7 @@ def main() -> None:
         results["torch"] = time_torch_step(config, images, iterations)
         results["ratio"] = results["vgjax"]["images_per_second"] / results["torch"]["images_per_second"]
     print(f"train step, {results['network']}, {num_images} images of {size[0]}x{size[1]}:")
-    for name in ("vgjax", "torch"):
-        if name in results:
-            r = results[name]
-            print(f"  {name:<6} {r['seconds_per_step']:7.2f} s/step {r['images_per_second']:7.2f} img/s "
-                  f"{r['triplets_per_second']:7.2f} triplets/s  first step {r['first_step_seconds']:.1f} s"
-                  + (f" (+ compile {r['compile_seconds']:.1f} s)" if "compile_seconds" in r else ""))
-    if "ratio" in results:
-        print(f"  ratio vgjax/torch: {results['ratio']:.2f}")
+    _print_steps(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
