@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -332,8 +333,6 @@ def _load_entry(found: ZooEntry, image_size, offline) -> LoadedModel:
 
 
 def _load_run(path: Path, image_size) -> LoadedModel:
-    import json
-
     from vgjax import embed
     from vgjax.train import checkpoint, runs
 

@@ -7,9 +7,9 @@ early layers instead of computing gradients that an optimizer mask would then di
 A method (triplet, CosPlace, ...) supplies only its input preparation and its loss; `update`
 runs the network in training mode, differentiates, and applies the gradients to the network
 and, where the method has one, to its head (e.g. CosPlace's classifier). Every step returns
-`{"loss": float32 [], "finite": bool []}` (and any metrics the loss reports): "finite" is False when the loss or any updated
-parameter is not finite, so the loop can refuse to save a broken network without reading
-anything back from the device after each step.
+`{"loss": float32 [], "finite": bool []}` and any metrics the loss reports: "finite" is False
+when the loss or any updated parameter is not finite, so the loop can refuse to save a broken
+network without reading anything back from the device after each step.
 """
 
 from __future__ import annotations
