@@ -419,6 +419,10 @@ def test_exporting_a_run_for_torch_and_for_vgjax(straight):
     with torch.no_grad():
         expected = torch_net(torch.from_numpy(np.array(augment.normalize_uint8(images))).permute(0, 3, 1, 2))
     np.testing.assert_allclose(descriptors, expected.numpy(), atol=1e-4, rtol=0)
+    # The workdir itself by path: its best network at its training size.
+    from_run = models.load(workdir)
+    assert from_run.image_size == tuple(json.loads((workdir / "config.json").read_text())["data"]["resize"])
+    jax.tree.map(np.testing.assert_array_equal, from_run.variables, saved)
 
 
 def test_non_finite_parameters_are_caught_before_any_save(tmp_path):
