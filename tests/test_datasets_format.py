@@ -1,6 +1,7 @@
 """Raw downloads to the VG format: each format on a small raw tree in its dataset's exact raw
 layout (.mat structs written with scipy, csv columns, file names), checked field by field."""
 
+import json
 import math
 
 import numpy as np
@@ -58,6 +59,11 @@ def test_pitts30k_from_its_db_structs(tmp_path):
     split = load_split(dataset, "test")
     assert split.num_database == 2 and split.num_queries == 1 and [list(p) for p in split.positives] == [[0]]
     assert (dataset / "map_pitts30k.png").is_file() and not (tmp_path / "datasets" / "pitts30k.partial").exists()
+    manifest = json.loads((dataset / "vgjax_manifest.json").read_text())["folders"]
+    assert manifest["images/test/queries"]["count"] == 1 and manifest["images/train/database"]["count"] == 2
+    (next((dataset / "images" / "test" / "queries").iterdir())).rename(dataset / "images" / "test" / "queries" / "@1@2@@@@@@@@@@@@@.jpg")
+    with pytest.warns(UserWarning, match="images/test/queries no longer matches .* with other names"):
+        load_split(dataset, "test")
     with pytest.raises(FileExistsError, match="already exists: vgjax never overwrites"):
         formats.format_dataset("pitts30k", raw, tmp_path / "datasets")
 

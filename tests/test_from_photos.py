@@ -49,6 +49,11 @@ def test_photos_become_a_split_with_their_positions(tmp_path):
         split = load_split(tmp_path / "mine", "test")  # the folders load as a dataset split
     ours = [i for i, path in enumerate(split.database_paths) if "@IMG_0001@" in path]
     assert split.num_database == 2 and split.num_queries == 1 and list(split.positives[0]) == ours
+    # The manifest notices a folder changed since vgjax wrote it.
+    written[0].unlink()
+    with pytest.warns(UserWarning, match=r"images/test/database no longer matches .*vgjax_manifest.json: 1 images "
+                                         r"where vgjax .* from_photos --role database wrote 2"):
+        load_split(tmp_path / "mine", "test")
 
 
 def test_nothing_is_overwritten_and_photos_without_any_gps_are_an_error(tmp_path, capsys):

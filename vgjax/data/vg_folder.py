@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -397,6 +399,52 @@ def _warn_on_mixed_zones(split_folder: Path, *field_tables: dict[str, np.ndarray
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Manifests: what a vgjax tool wrote, so that a folder changed since is noticed.
+
+MANIFEST = "vgjax_manifest.json"
+
+
+def _names_digest(paths: Sequence[str]) -> str:
+    """sha256 of the sorted base names, one per line."""
+    return hashlib.sha256("\n".join(sorted(os.path.basename(p) for p in paths)).encode()).hexdigest()
+
+
+def write_manifest(dataset_dir: str | os.PathLike, tool: str, folders: Sequence[Path] | None = None) -> Path:
+    """Writes (or updates) `dataset_dir`/vgjax_manifest.json: for each image folder (`folders`,
+    default every one below it), its image count, the sha256 of its sorted names, and the tool
+    and vgjax version that wrote it."""
+    from vgjax import __version__  # the package's version, read when a manifest is written
+
+    dataset_dir = Path(dataset_dir)
+    path = dataset_dir / MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {"folders": {}}
+    for folder in folders if folders is not None else sorted({image.parent for image in dataset_dir.rglob("*.jpg")}):
+        names = [image.name for image in folder.glob("*.jpg")]
+        manifest["folders"][folder.relative_to(dataset_dir).as_posix()] = {
+            "count": len(names), "names_sha256": _names_digest(names), "tool": f"vgjax {__version__} {tool}"}
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _check_manifest(dataset_dir: Path, folder: Path, paths: Sequence[str]) -> None:
+    """Warns when `folder`'s images differ from what the dataset's manifest recorded."""
+    manifest = dataset_dir / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        relative = folder.resolve().relative_to(dataset_dir.resolve()).as_posix()
+        entry = json.loads(manifest.read_text())["folders"].get(relative)
+    except (ValueError, KeyError, json.JSONDecodeError):
+        warnings.warn(f"{manifest}: not a vgjax manifest, or {folder} is not in it", stacklevel=3)
+        return
+    if entry is None:
+        return
+    if entry["count"] != len(paths) or entry["names_sha256"] != _names_digest(paths):
+        warnings.warn(f"{folder} no longer matches {manifest}: {len(paths)} images where {entry['tool']} wrote "
+                      f"{entry['count']}{'' if entry['count'] != len(paths) else ', with other names'}", stacklevel=3)
+
+
 def _empty_fields(count: int) -> dict[str, np.ndarray]:
     """Columns of `count` names without fields: NaN numbers, empty strings."""
     return {name: np.full(count, np.nan) if name in NUMERIC_FIELDS else np.full(count, "", dtype=str)
@@ -456,11 +504,15 @@ def load_split(dataset_dir: str | os.PathLike, split: str, positive_dist_m: floa
       queries_folder: name of the queries folder; SF-XL's test split uses "queries_v1".
 
     Returns:
-      A Split. Queries without positives are kept (they count as misses in recall).
+      A Split. Queries without positives are kept (they count as misses in recall). A folder
+      whose images differ from the dataset's vgjax_manifest.json (written by vgjax's dataset
+      tools) gives a UserWarning.
     """
     folder = find_split_folder(dataset_dir, split)
     database_paths = list_images(folder / "database")
     query_paths = list_images(folder / queries_folder)
+    for role, paths in (("database", database_paths), (queries_folder, query_paths)):
+        _check_manifest(Path(dataset_dir), folder / role, paths)
     database_fields = _field_table(database_paths)
     query_fields = _field_table(query_paths)
     _warn_on_mixed_zones(folder, database_fields, query_fields)

@@ -7,7 +7,7 @@ msls the `mapillary_sls` folder). Each format writes `DATASETS_FOLDER/<name>/ima
 {database,queries}` (msls: `DATASETS_FOLDER/msls/{train,val}/...` with `test` a link to `val`,
 as the downloader does) with the downloader's names and fields, and `map_<name>.png`, a plot
 of the positions (the downloader draws them on map tiles from the internet; vgjax draws no
-tiles). Raw files are read, never moved or deleted. The dataset is built under
+tiles), and `vgjax_manifest.json` (vgjax.data.vg_folder.write_manifest). Raw files are read, never moved or deleted. The dataset is built under
 `<name>.partial` and renamed when complete; an existing dataset is refused, never overwritten.
 `sf_xl` checks SF-XL's processed folders (every name parses, the folders CosPlace reads exist)
 and writes nothing.
@@ -277,6 +277,7 @@ def format_dataset(name: str, raw: str | os.PathLike, out: str | os.PathLike) ->
     if name == "msls":
         (partial / "test").symlink_to("val")
     save_map(partial, name)
+    vg_folder.write_manifest(partial, f"format {name}")
     partial.rename(dataset)
     for (split, role), count in sorted(counts.items()):
         print(f"{name} {split} {role}: {count} images")

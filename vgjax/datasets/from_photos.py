@@ -9,7 +9,8 @@ DateTimeOriginal, the original file name (without its extension, '@' replaced) a
 image is stored upright (its EXIF orientation applied) as a JPEG. Photos without a GPS
 position are never dropped silently: they are counted on the console and listed in
 `<out>/from_photos_<split>_<role>_without_gps.txt`. The folder is written under a temporary
-name and renamed when complete; an existing one is refused, never overwritten.
+name and renamed when complete; an existing one is refused, never overwritten; the dataset's
+vgjax_manifest.json records it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import utm
 from PIL import Image, ImageOps
 
 from vgjax.data import images as image_ops
+from vgjax.data import vg_folder
 from vgjax.data.vg_folder import ANY_IMAGE_SUFFIXES, format_image_name
 
 GPS_IFD, EXIF_IFD = 0x8825, 0x8769
@@ -129,6 +131,7 @@ def convert(photos: str | os.PathLike, out: str | os.PathLike, split: str, role:
         raise ValueError(f"--photos {photos}: none of its {len(paths)} photos has a GPS position in its EXIF "
                          f"(they are listed in {report})")
     partial.rename(destination)
+    vg_folder.write_manifest(out, f"from_photos --role {role}", [destination])
     return {"written": len(names), "without_gps": len(without_gps), "folder": str(destination),
             "report": str(report) if without_gps else None}
 
