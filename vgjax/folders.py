@@ -55,6 +55,8 @@ def evaluate_folders(model: str | os.PathLike | LoadedModel, database_folder: st
       {"results": {test method: {"recalls": {"R@N": percent} (empty without labels),
       "descriptor_dim", "index", "timings"}}}.
     """
+    if num_preds_to_save > max(recall_values):  # as VPR-methods-evaluation: search deep enough to show them
+        recall_values = (*recall_values, num_preds_to_save)
     split = load_folders(database_folder, queries_folder, positive_dist_m, labels=labels)  # checked first
     print(f"{split.num_database} database images, {split.num_queries} queries"
           + ("" if labels else " (no labels: geolocalizing them)"))
