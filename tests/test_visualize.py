@@ -152,3 +152,21 @@ def test_map_colours_queries_by_top1(split, tmp_path):
     (100, 2, [0, 99]), (60, 3, [0, 30, 59]), (5, 10, [0, 1, 2, 3, 4]), (7, 1, [0]), (7, 0, [])])
 def test_spread_indices(total, count, expected):
     assert visualize.spread_indices(total, count).tolist() == expected
+
+
+def test_labels_give_each_prediction_its_distance(split):
+    positives = set(split.positives[1].tolist())
+    assert visualize.prediction_label(split, 1, 2, 2, positives) == "Pred2 ✓ 6 m"  # 5 m east, 3 m north
+    assert visualize.prediction_label(split, 1, 3, 1, positives) == "Pred1 ✗ 95 m"
+    assert visualize.prediction_label(split, 1, -1, 3, positives) == "Pred3 - none"
+
+
+def test_wrong_only_pictures_are_picked_among_the_wrong_queries(split, tmp_path):
+    from vgjax.configs import common
+
+    eval_config = common.get_config().eval
+    eval_config.update(num_preds_to_save=2, queries_to_save=2, save_only_wrong_preds=True)
+    visualize.save_evaluation_pictures(tmp_path, split, PREDICTIONS, {1: 33.3}, eval_config)
+    # Two pictures, both wrong queries (spreading over all queries first would give 0 and 2,
+    # and then only 2 after dropping the right one).
+    assert sorted(p.name for p in (tmp_path / "preds").glob("*.jpg")) == ["001.jpg", "002.jpg"]
