@@ -36,7 +36,7 @@ from vgjax import eval_run, evaluate, sharding
 from vgjax import index as index_lib
 from vgjax.data import augment, packed, synthetic
 from vgjax.models import geoloc_net, netvlad_init, pretrained, registry
-from vgjax.train import checkpoint, cosplace, gsv, loop, losses, mining, state
+from vgjax.train import checkpoint, cosplace, loop, losses, mining, state
 
 TRAINING_MODES = ("train", "train_cosplace", "train_gsv", "demo")
 TRIPLET_MODES = ("train", "demo")
@@ -276,9 +276,13 @@ def _check_mining(config) -> list[str]:
     return problems
 
 
+def _unsupported_augmentations(config, method: str) -> list[str]:
+    return [f"train.{key}={config.train[key]!r}: {method} training does not use the triplet recipe's "
+            "augmentations; unset it" for key in cosplace.UNSUPPORTED if config.train[key]]
+
+
 def _check_cosplace(config) -> list[str]:
-    problems = [f"train.{key}={config.train[key]!r}: CosPlace training does not use the triplet recipe's "
-                "augmentations; unset it" for key in cosplace.UNSUPPORTED if config.train[key]]
+    problems = _unsupported_augmentations(config, "CosPlace")
     problems += [f"cosplace.{key}='': CosPlace training needs it"
                  for key in ("train_folder", "val_folder", "test_folder") if not config.cosplace[key]]
     return problems + [*_at_least(config, ("cosplace.iterations_per_epoch",), 1),
@@ -286,8 +290,7 @@ def _check_cosplace(config) -> list[str]:
 
 
 def _check_gsv(config) -> list[str]:
-    problems = [f"train.{key}={config.train[key]!r}: GSV-Cities training does not use the triplet recipe's "
-                "augmentations; unset it" for key in gsv.UNSUPPORTED if config.train[key]]
+    problems = _unsupported_augmentations(config, "GSV-Cities")
     if not config.data.gsv_cities_folder:
         problems.append("data.gsv_cities_folder='': GSV-Cities training needs the dataset's folder "
                         "(holding Dataframes/ and Images/)")

@@ -10,7 +10,7 @@ unique across cities as GSV-Cities does (place_id + city index * 10^5); places w
 min_images_per_place images are dropped (and counted). A missing image is an error naming it,
 before any training.
 
-Batches (`epoch_batches`, `batch_images`): P places per batch, K of each place's images drawn at
+Batches (`epoch_places`, `epoch_tuples`): P places per batch, K of each place's images drawn at
 random without replacement, a new draw and a new place order every epoch; by default places are
 shuffled within each city and cities kept in order, as GSV-Cities' loader does (so a batch
 holds one city's places), or all together with shuffle_all. Everything is a pure function of
@@ -177,10 +177,10 @@ def write_synthetic(root: str | os.PathLike, *, cities: Sequence[str] = ("Aville
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(places_per_city)))  # places on a side x side grid, 30 m apart
     for index, city in enumerate(cities):
-        world = synthetic.AerialWorld(seed=seed + 100 + index, size_m=40.0 + 30.0 * int(np.ceil(np.sqrt(places_per_city))))
+        world = synthetic.AerialWorld(seed=seed + 100 + index, size_m=40.0 + 30.0 * side)
         texture = world.texture()
-        side = int(np.ceil(np.sqrt(places_per_city)))
         spots = (np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:places_per_city] * 30.0 + 35.0)
         rows = []
         (root / "Images" / city).mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import numpy as np
 import utm
 from PIL import Image
 
-from vgjax.data import vg_folder
+from vgjax.data import images, vg_folder
 from vgjax.data.vg_folder import format_image_name
 
 
@@ -226,9 +226,8 @@ def _write(item: Item, folder: Path) -> None:
     with Image.open(item.source) as image:
         image = image.convert("RGB")
         if item.write == "resize480":  # torchvision Resize(480) on a PIL image
-            short, long = sorted(image.size)
-            size = (480, int(480 * long / short))
-            image = image.resize(size if image.width <= image.height else size[::-1], Image.BILINEAR)
+            height, width = images.shorter_side_size(image.height, image.width, 480)
+            image = image.resize((width, height), Image.BILINEAR)
         image.save(target)
 
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from vgjax.data import images as image_ops
 from vgjax.data import vg_folder
-from vgjax.data.vg_folder import ANY_IMAGE_SUFFIXES, format_image_name
+from vgjax.data.vg_folder import format_image_name
 
 GPS_IFD, EXIF_IFD = 0x8825, 0x8769
 GPS_LATITUDE_REF, GPS_LATITUDE, GPS_LONGITUDE_REF, GPS_LONGITUDE = 1, 2, 3, 4
@@ -82,16 +82,12 @@ def photo_name(position: PhotoPosition, pano_id: str) -> str:
                              timestamp=position.timestamp)
 
 
-def _photos(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in ANY_IMAGE_SUFFIXES)
-
-
 def convert(photos: str | os.PathLike, out: str | os.PathLike, split: str, role: str, *,
             jpeg_quality: int = 95) -> dict:
     """Writes `out`/images/`split`/`role` from the photos; returns the counts and the report path.
 
     Raises:
-      FileNotFoundError: `photos` is not a folder or holds no image.
+      FileNotFoundError: `photos` is not a folder. DatasetFormatError: it holds no image.
       FileExistsError: the destination folder already exists.
     """
     photos, out = Path(photos), Path(out)
@@ -99,9 +95,7 @@ def convert(photos: str | os.PathLike, out: str | os.PathLike, split: str, role:
         raise ValueError(f"role {role!r}: choose one of {', '.join(ROLES)}")
     if not photos.is_dir():
         raise FileNotFoundError(f"--photos {photos}: no such folder")
-    paths = _photos(photos)
-    if not paths:
-        raise FileNotFoundError(f"--photos {photos}: no {'/'.join(ANY_IMAGE_SUFFIXES)} file in it")
+    paths = [Path(path) for path in vg_folder.list_images(photos, any_type=True)]
     destination = out / "images" / split / role
     if destination.exists():
         raise FileExistsError(f"{destination} already exists: vgjax never overwrites a dataset; remove it or "

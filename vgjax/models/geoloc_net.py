@@ -36,8 +36,8 @@ L2_MODES = ("before_pool", "after_pool", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The model config keys that change the network's parameters (not how it is trained or run): what
 # a vgjax model file records (models.export) and a training run's architecture check compares.
-# The model keys that change the parameters; the GSV-Cities aggregations' own keys were added
-# later: a saved run or model file without them holds another aggregation (they take defaults).
+# The GSV-Cities aggregations' own keys came later: a saved run or model file without them holds
+# another aggregation (they take their defaults).
 AGGREGATION_OPTION_KEYS = tuple(key for keys in aggregators.OPTION_KEYS.values() for key in keys.values())
 ARCHITECTURE_KEYS = ("backbone", "aggregation", "l2", "netvlad_clusters", "fc_output_dim", "trunc_te",
                      *AGGREGATION_OPTION_KEYS)

@@ -37,7 +37,16 @@ from vgjax.train.loop import Method, Progress, Run
 from vgjax.train.state import Head, TrainState, step_keys, update
 
 AUGMENTATIONS = ("brightness", "contrast", "saturation", "hue", "random_resized_crop")
-UNSUPPORTED = ("rand_perspective", "random_rotation", "horizontal_flip")  # the triplet recipe's only
+# The triplet recipe's augmentations, which the methods augmenting with `augmented` do not use.
+UNSUPPORTED = ("rand_perspective", "random_rotation", "horizontal_flip")
+
+
+def augmented(images: jax.Array, key: jax.Array, augmentation: tuple) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 in [0, 1], augmented as CosPlace does on the device;
+    `augmentation` is (brightness, contrast, saturation, hue, random_resized_crop) (AUGMENTATIONS)."""
+    b, c, s, h, crop = augmentation
+    return augment.cosplace_augment(images.astype("float32") / 255.0, key, brightness=b, contrast=c,
+                                    saturation=s, hue=h, random_resized_crop=crop)
 
 
 def cosplace_step(state: TrainState, head: Head, batch: dict, *, model, tx, head_tx,
@@ -50,9 +59,7 @@ def cosplace_step(state: TrainState, head: Head, batch: dict, *, model, tx, head
       augmentation: static (brightness, contrast, saturation, hue, random_resized_crop).
     """
     augment_key, dropout_key = step_keys(state)
-    b, c, s, h, crop = augmentation
-    x = augment.cosplace_augment(batch["images"].astype("float32") / 255.0, augment_key, brightness=b,
-                                 contrast=c, saturation=s, hue=h, random_resized_crop=crop)
+    x = augmented(batch["images"], augment_key, augmentation)
     loss_fn = functools.partial(_cosface, labels=batch["labels"])
     return update(state, head, augment.normalize(x), loss_fn, model=model, tx=tx, head_tx=head_tx,
                   dropout_key=dropout_key)

@@ -9,8 +9,8 @@ final test use data.dataset_name's val and test splits (the VG folder format); t
 rate follows train.warmup_steps / train.lr_milestones (vgjax.train.state.learning_rate).
 
 Deliberate difference: the training images are augmented on the device with the train.*
-colour jitter and random resized crop (as CosPlace's are), not torchvision's RandAugment(3),
-which vgjax does not implement.
+colour jitter and random resized crop (cosplace.augmented; none when all are 0), not
+torchvision's RandAugment(3), which vgjax does not implement.
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ import numpy as np
 from vgjax.data import augment, gsv_cities, pipeline
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.train import losses
-from vgjax.train.cosplace import AUGMENTATIONS
+from vgjax.train import cosplace
 from vgjax.train.loop import Method, Progress, Run
 from vgjax.train.state import TrainState, step_keys, update
-
-UNSUPPORTED = ("rand_perspective", "random_rotation", "horizontal_flip")  # the triplet recipe's only
 
 
 def gsv_step(state: TrainState, head: None, batch: dict, *, model, tx, augmentation: tuple,
@@ -43,11 +41,8 @@ def gsv_step(state: TrainState, head: None, batch: dict, *, model, tx, augmentat
       augmentation: static (brightness, contrast, saturation, hue, random_resized_crop).
     """
     augment_key, dropout_key = step_keys(state)
-    x = batch["images"].astype(jnp.float32) / 255.0
-    if any(augmentation):
-        b, c, s, h, crop = augmentation
-        x = augment.cosplace_augment(x, augment_key, brightness=b, contrast=c, saturation=s, hue=h,
-                                     random_resized_crop=crop)
+    x = (cosplace.augmented(batch["images"], augment_key, augmentation) if any(augmentation)
+         else batch["images"].astype(jnp.float32) / 255.0)
     labels = batch["labels"]
 
     def loss_fn(descriptors, _):
@@ -92,7 +87,7 @@ class GSVCities(Method):
     def setup(self, run: Run) -> None:
         self.run = run
         cfg = self.config.gsv
-        augmentation = tuple(float(self.config.train[key]) for key in AUGMENTATIONS)
+        augmentation = tuple(float(self.config.train[key]) for key in cosplace.AUGMENTATIONS)
         self.step_fn = jax.jit(functools.partial(
             gsv_step, model=run.model, tx=run.tx, augmentation=augmentation, epsilon=cfg.miner_epsilon,
             alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base), donate_argnums=(0,))

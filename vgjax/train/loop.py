@@ -171,9 +171,10 @@ class Run:
                                                               weights_from_checkpoint=resuming)
         if config.model.aggregation in ("netvlad", "crn") and not config.model.resume and not resuming:
             variables = self._initialize_netvlad(variables)
-        self.steps_per_epoch = method.steps_per_epoch() if config.train.lr_milestones else 1
+        steps_per_epoch = method.steps_per_epoch() if config.train.lr_milestones else 1
+        self.lr = state_lib.learning_rate(config.train, config.train.lr, steps_per_epoch)  # what is logged
         state, self.tx = create_state(config, variables, config.seed, train_all_layers=method.train_all_layers,
-                                      steps_per_epoch=self.steps_per_epoch)
+                                      steps_per_epoch=steps_per_epoch)
         self.state: TrainState = sharding.replicate(state, self.mesh)
         self.embed = embed.make_sharded_embed_fn(self.model, self.mesh)
         self.embed_fn = self._make_embed_fn()
@@ -200,8 +201,7 @@ class Run:
 
     def learning_rate(self, step: int) -> float:
         """train.lr at training step `step` (0 = the first), on its schedule (state.learning_rate)."""
-        lr = state_lib.learning_rate(self.config.train, self.config.train.lr, self.steps_per_epoch)
-        return float(lr(step)) if callable(lr) else float(lr)
+        return float(self.lr(step)) if callable(self.lr) else float(self.lr)
 
     def validate(self, split: Split) -> evaluate.EvaluationResult:
         """Recalls on `split` with the current params: hard_resize, flat index, no PCA (as the
