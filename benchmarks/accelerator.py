@@ -264,13 +264,13 @@ def pipeline_rate(config, min_seconds: float) -> float:
     """img/s of the training loader alone (no device): batches of the run's tuple shape read
     from the packed train split with data.num_workers threads, as the loop reads them (the
     first batch, which starts the threads, not counted)."""
-    split = packed.open_packed(triplet.packed_train_folder(config), tuple(config.data.resize))
-    paths = split.database_paths + split.query_paths
+    pack = packed.open_pack(triplet.train_pack(config, Path(config.data.datasets_folder) / config.data.dataset_name))
+    paths = [str(pack.source / path) for split in pack.paths.values() for path in split]
     tuple_size = 2 + config.mining.negs_num_per_query
     tuples = [[paths[(i * tuple_size + j) % len(paths)] for j in range(tuple_size)]
               for i in range(max(len(paths), 64 * config.train.train_batch_size))]
     batches = pipeline.triplet_batches(tuples, config.train.train_batch_size, tuple(config.data.resize),
-                                       num_threads=config.data.num_workers, loader=split.loader())
+                                       num_threads=config.data.num_workers, loader=pack.loader())
     next(batches)  # starts the threads
     tick, images = time.perf_counter(), 0
     for batch in batches:

@@ -8,11 +8,11 @@
 
 Per source size, writes a synthetic split of photo-like JPEGs (aerial renders plus sensor noise,
 quality 90: ~70 KB at 480x640, as Pitts30k's) in the VG folder format, and packs it
-(`vgjax.data.packed.pack_split`) at each training size as JPEG (quality 95, 4:4:4; same-size
-sources copied verbatim) and as raw uint8. Then measures `pipeline.triplet_batches`, the training
+(`vgjax.data.tfds_builders`: a tensorflow-datasets dataset in array_record) at each training size as
+JPEG (quality 95, 4:4:4; same-size sources copied verbatim) and as raw uint8. Then measures `pipeline.triplet_batches`, the training
 loader (decode, PIL bilinear resize to the training size, batches of 8 uint8 images), reading
   folder       the JPEG files (`images.load_rgb`),
-  packed jpeg  the packed JPEG records (`PackedSplit.loader()`, the resize is then a no-op),
+  packed jpeg  the packed JPEG records (`Pack.loader()`, the resize is then a no-op),
   packed raw   the packed raw records,
 with 1, 2, 4 and os.cpu_count() host threads, and the same map in grain worker processes
 (`mp_prefetch`, 1 and 2 workers of one thread each) for the folder and packed JPEG. Rates count
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from vgjax.data import images as image_ops  # noqa: E402
-from vgjax.data import packed, pipeline, synthetic  # noqa: E402
+from vgjax.data import packed, pipeline, synthetic, tfds_builders  # noqa: E402
 
 BATCH = 8
 QUICK_CASES = {(480, 640): [(480, 640), (120, 160)]}  # source size -> training sizes
@@ -120,16 +120,17 @@ def pack_all(root, source_size, target_sizes):
     """Packs the bench split at every target size and encoding; returns {(size, encoding): info}."""
     packs = {}
     for size in target_sizes:
-        for encoding in packed.ENCODINGS:
-            out = root / f"packed-{encoding}-{_size(size)}"
+        for encoding in tfds_builders.ENCODINGS:
+            builder = tfds_builders.vg_folder_pack(root / "packed", root, size, splits=("bench",), encoding=encoding,
+                                            progress=False)
             tick = time.perf_counter()
-            packed.pack_split(root, "bench", out, size, encoding=encoding, progress=False)
+            tfds_builders.build(builder, root)
             seconds = time.perf_counter() - tick
-            split = packed.open_packed(out, image_size=size)
-            count = len(split.database.relative_paths) + len(split.queries.relative_paths)
+            pack = packed.open_pack(builder)
+            count = sum(len(paths) for paths in pack.paths.values())
             packs[size, encoding] = {
-                "split": split, "pack_seconds": seconds, "pack_images_per_second": count / seconds,
-                "bytes_per_image": total_bytes(out.glob("*.array_record")) / count}
+                "pack": pack, "pack_seconds": seconds, "pack_images_per_second": count / seconds,
+                "bytes_per_image": total_bytes(pack.folder.glob("*.array_record-*")) / count}
             print(f"packed {_size(source_size)} -> {_size(size)} {encoding}: "
                   f"{packs[size, encoding]['bytes_per_image'] / 1e3:.0f} KB/image, "
                   f"{count / seconds:.0f} images/s", flush=True)
@@ -138,10 +139,10 @@ def pack_all(root, source_size, target_sizes):
 
 def measure_case(source_size, size, packs, args):
     """Rows of the table for one (source size, training size)."""
-    split = packs[size, "jpeg"]["split"]
-    paths = split.database_paths + split.query_paths
-    sources = {"folder": image_ops.load_rgb, "packed jpeg": split.loader(),
-               "packed raw": packs[size, "raw"]["split"].loader()}
+    pack = packs[size, "jpeg"]["pack"]
+    paths = [str(pack.source / path) for split in pack.paths.values() for path in split]
+    sources = {"folder": image_ops.load_rgb, "packed jpeg": pack.loader(),
+               "packed raw": packs[size, "raw"]["pack"].loader()}
     threads = [1] if args.per_core else sorted({1, 2, 4, os.cpu_count() or 1})
     case = {"source_size": list(source_size), "image_size": list(size)}
     rows = []
@@ -197,7 +198,7 @@ def main() -> None:
             packs = pack_all(root, source_size, sizes)
             packing += [{"source_size": list(source_size), "image_size": list(size), "encoding": encoding,
                          "folder_bytes_per_image": folder_bytes,
-                         **{k: v for k, v in info.items() if k != "split"}}
+                         **{k: v for k, v in info.items() if k != "pack"}}
                         for (size, encoding), info in packs.items()]
             print(HEADER)
             for size in sizes:

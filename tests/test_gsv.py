@@ -116,8 +116,13 @@ def test_smoke_run_learns_and_a_killed_run_resumes_exactly(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert any("b_acc" in record for record in logged)
 
-    workdir = tmp_path / "killed"  # killed mid-epoch 2 (step 7; checkpoints every 2 steps)
-    process = subprocess.Popen(_launch(workdir, datasets, "--config.train.checkpoint_every_steps=2"), cwd=REPO,
+    # The same run reading its images packed as raw pixels (built on its first launch; the
+    # synthetic images already have the training size, so the pixels are the decoded files),
+    # killed mid-epoch 2 (step 7; checkpoints every 2 steps), must end as the straight one.
+    workdir = tmp_path / "killed"
+    options = ("--config.train.checkpoint_every_steps=2", f"--config.data.packed_folder={tmp_path / 'packed'}",
+               "--config.data.packed_encoding=raw")
+    process = subprocess.Popen(_launch(workdir, datasets, *options), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (workdir / "checkpoints" / "7" / "commit_success.txt").exists():
@@ -125,9 +130,11 @@ def test_smoke_run_learns_and_a_killed_run_resumes_exactly(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run(_launch(workdir, datasets, "--config.train.checkpoint_every_steps=2"), cwd=REPO,
-                             capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(_launch(workdir, datasets, *options), cwd=REPO, capture_output=True, text=True,
+                             timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    pack = tmp_path / "packed" / "gsv_cities"
+    assert f"train images read from {pack}" in (workdir / "log.txt").read_text()
     assert "Resuming from epoch 2, round 1/1, batch 2 (step 7)" in resumed.stdout
     a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(workdir)
     jax.tree.map(np.testing.assert_array_equal, a["train"], b["train"])

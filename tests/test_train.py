@@ -233,8 +233,9 @@ def test_killed_and_resumed_equals_uninterrupted_also_packed(straight):
     # packed pixels are the decoded files and training on them must give the same result.
     packed = ["--config.data.packed_folder=" + str(root / "packed"), "--config.data.packed_encoding=raw"]
     _run(_launch(root / "pack", datasets, *packed, "--mode", "pack"))
-    manifest = json.loads((root / "packed" / "aerial_smoke-train-64x64" / "manifest.json").read_text())
-    assert manifest["encoding"] == "raw"
+    summary = json.loads((root / "pack" / "results.json").read_text())
+    assert summary["packed"] == str(root / "packed" / "vg_folder" / "aerial_smoke-train-64x64-raw" / "1.0.0")
+    assert summary["encoding"] == "raw" and set(summary["images"]) == {"train_database", "train_queries"}
     # Same command on the packed split, killed (SIGKILL, no clean-up) once step 6's checkpoint is
     # committed: epoch 1, two steps into its second mining round.
     workdir = root / "killed"

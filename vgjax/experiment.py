@@ -16,9 +16,10 @@ Modes:
     the same engine.
   train_gsv: GSV-Cities' places x K training with the multi-similarity loss (vgjax.train.gsv;
     MixVPR, Conv-AP), on the same engine.
-  pack: packs the train split at config.data.resize into config.data.packed_folder
-    (array_record shards of JPEG or raw images, data.packed_encoding; vgjax.data.packed), which
-    training then reads instead of the JPEGs.
+  pack: packs what training reads (the train split, or GSV-Cities' training cities with
+    data.gsv_cities_folder) at config.data.resize into config.data.packed_folder: a
+    tensorflow-datasets dataset in array_record of JPEG or raw images (data.packed_encoding;
+    vgjax.data.packed), which training then reads instead of the JPEGs.
   export: writes the network of a training run (the workdir's own, or model.resume=<workdir>;
     its model.resume_checkpoint) or of config.model with its weights (model.resume file or
     model.pretrain) into <workdir>/export/: the PyTorch benchmark's state dict (.safetensors)
@@ -277,14 +278,20 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
 
 def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-    """Packs the train split for training (see vgjax.train.triplet.packed_train_loader)."""
-    folder = triplet.packed_train_folder(config)  # data.packed_folder is set (validate.check)
-    dataset_dir = prepare_dataset(config, ("train", "val", "test"))
-    split = load_split(dataset_dir, "train", config.data.val_positive_dist_threshold)
-    triplet.packed_train_loader(config, dataset_dir, split)  # packs if missing, then validates
-    summary = {"packed": str(folder), "manifest": json.loads((folder / packed.MANIFEST).read_text())}
+    """Packs what training with this config reads (vgjax.data.packed): GSV-Cities' training
+    cities when data.gsv_cities_folder is set, else the train split of data.dataset_name."""
+    if config.data.gsv_cities_folder:
+        dataset_dir = prepare_dataset(config, ("val", "test"))
+        source = dataset_dir / config.data.gsv_cities_folder
+        builder = gsv.train_pack(config)  # data.packed_folder is set (validate.check)
+    else:
+        source = prepare_dataset(config, ("train", "val", "test"))
+        builder = triplet.train_pack(config, source)
+    pack = packed.open_or_build(builder, source)
+    summary = {"packed": str(pack.folder), "source": str(pack.source), "image_size": list(pack.image_size),
+               "encoding": pack.encoding, "images": {split: len(paths) for split, paths in pack.paths.items()}}
     _write_json(workdir / "results.json", summary)
-    print(f"Packed {split.folder} at {tuple(config.data.resize)} into {folder}")
+    print(f"Pack of {source} at {pack.image_size[0]}x{pack.image_size[1]} ({pack.encoding}): {pack.folder}")
     return summary
 
 

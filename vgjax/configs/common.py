@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
         resize=(480, 640),  # H, W for training and inference
         infer_batch_size=16,
         num_workers=2,  # host threads decoding images
-        packed_folder="",  # training reads the train split packed at `resize` here (mode pack; vgjax.data.packed)
+        packed_folder="",  # tfds data_dir: training reads its images packed at `resize` here (mode pack; vgjax.data.packed)
         packed_encoding="jpeg",  # jpeg | raw (5-20x faster to read, ~0.9 MB per 480x640 image): how mode pack stores images
         gsv_cities_folder="",  # mode train_gsv: the GSV-Cities root (Dataframes/, Images/); relative: to the dataset folder
         gsv_cities=(),  # its cities to train on; empty: GSV-Cities' 23 training cities

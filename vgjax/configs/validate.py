@@ -34,7 +34,7 @@ import ml_collections
 from vgjax import baselines
 from vgjax import eval_run, evaluate, sharding
 from vgjax import index as index_lib
-from vgjax.data import augment, packed, synthetic
+from vgjax.data import augment, synthetic, tfds_builders
 from vgjax.models import geoloc_net, netvlad_init, pretrained, registry
 from vgjax.train import checkpoint, cosplace, loop, losses, mining, state
 
@@ -51,11 +51,12 @@ _IGNORED = {
     "eval": _TRAINING_ONLY,
     "profile": ("train.", "mining.", "cosplace.", *_GSV_ONLY, "eval."),
     "export": ("train.", "mining.", "cosplace.", *_GSV_ONLY, "eval."),
-    "pack": ("model.", "train.", "mining.", "cosplace.", *_GSV_ONLY, "eval."),
+    "pack": ("model.", "train.", "mining.", "cosplace.", "gsv.", "eval."),
     "train": ("cosplace.", *_GSV_ONLY, "eval.datasets"),
-    "train_cosplace": ("mining.", *_GSV_ONLY, "train.criterion", "train.margin", "eval.datasets"),
+    "train_cosplace": ("mining.", *_GSV_ONLY, "train.criterion", "train.margin", "eval.datasets",
+                       "data.packed_folder", "data.packed_encoding"),
     "train_gsv": ("mining.", "cosplace.", "train.criterion", "train.margin", "eval.datasets",
-                  "data.packed_folder", "data.packed_encoding", "data.train_positives_dist_threshold"),
+                  "data.train_positives_dist_threshold"),
     "demo": ("cosplace.", *_GSV_ONLY, "eval.datasets"),
 }
 _READ_BY_EVERY_MODE = ("train.distributed", "train.coordinator_address", "train.num_processes",
@@ -147,7 +148,7 @@ def _check_data(config, mode: str) -> list[str]:
                 *_at_least(config, ("data.infer_batch_size", "data.synthetic_frames"), 1),
                 *_at_least(config, ("data.val_positive_dist_threshold",), 0, integer=False),
                 *_synthetic(config.data.synthetic)]
-    problems += _one_of(config, "data.packed_encoding", packed.ENCODINGS)
+    problems += _one_of(config, "data.packed_encoding", tfds_builders.ENCODINGS)
     if mode == "pack" and not config.data.packed_folder:
         problems.append("data.packed_folder='': --mode pack needs the folder to pack into")
     return problems

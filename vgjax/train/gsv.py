@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgjax.data import augment, gsv_cities, pipeline
+from vgjax.data import augment, gsv_cities, packed, pipeline, tfds_builders
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.train import losses
 from vgjax.train import cosplace
@@ -54,6 +54,26 @@ def gsv_step(state: TrainState, head: None, batch: dict, *, model, tx, augmentat
     return update(state, head, augment.normalize(x), loss_fn, model=model, tx=tx, dropout_key=dropout_key)
 
 
+def train_pack(config: ml_collections.ConfigDict) -> tfds_builders.GsvCitiesPack | None:
+    """With data.packed_folder: the training cities packed at data.resize as data.packed_encoding
+    (vgjax.data.tfds_builders); else None."""
+    if not config.data.packed_folder:
+        return None
+    return tfds_builders.gsv_cities_pack(config.data.packed_folder, tuple(config.data.gsv_cities) or gsv_cities.TRAIN_CITIES,
+                                  config.data.resize, encoding=config.data.packed_encoding,
+                                  num_threads=config.data.num_workers)
+
+
+def packed_train_loader(config: ml_collections.ConfigDict, gsv_folder: Path, places: gsv_cities.Places):
+    """With data.packed_folder: the training images read from their pack, built first if missing
+    (single-process runs); else None (decode the JPEGs)."""
+    builder = train_pack(config)
+    if builder is None:
+        return None
+    pack = packed.open_or_build(builder, gsv_folder, may_build=jax.process_count() == 1)
+    return pack.loader(gsv_folder, required=[str(gsv_folder / path) for paths in places.paths for path in paths])
+
+
 class GSVCities(Method):
     """The multi-similarity loss over places x K batches of GSV-Cities."""
 
@@ -69,6 +89,7 @@ class GSVCities(Method):
             raise ValueError(f"{self.gsv_folder}: {len(self.places.paths)} places, fewer than one batch of "
                              f"train.train_batch_size={config.train.train_batch_size} places")
         self.val_split = load_split(self.dataset_dir, "val", config.data.val_positive_dist_threshold)
+        self.loader = packed_train_loader(config, self.gsv_folder, self.places)
 
     def describe(self) -> list[str]:
         places, cfg, val = self.places, self.config.gsv, self.val_split
@@ -76,7 +97,8 @@ class GSVCities(Method):
                 f"{len(places.cities)} cities, {places.dropped} places with fewer than {cfg.min_images_per_place} "
                 f"images dropped; {self.config.train.train_batch_size} places x {cfg.images_per_place} images "
                 f"per step, {self.batches_per_round()} steps per epoch",
-                f"val: {val.folder}: {val.num_database} database images, {val.num_queries} queries"]
+                f"val: {val.folder}: {val.num_database} database images, {val.num_queries} queries",
+                *([f"train images read from {self.loader.folder}"] if self.loader is not None else [])]
 
     def netvlad_init_paths(self) -> list[str]:
         return [str(self.gsv_folder / path) for paths in self.places.paths for path in paths]
@@ -107,7 +129,7 @@ class GSVCities(Method):
         images = pipeline.triplet_batches(
             [[str(self.gsv_folder / path) for path in paths] for paths in tuples], per_batch, self.run.image_size,
             start_batch=progress.batch, process_index=index, process_count=count,
-            num_threads=self.config.data.num_workers)
+            num_threads=self.config.data.num_workers, loader=self.loader)
         for step, batch in enumerate(images, start=progress.batch):
             share = pipeline.process_share(places, per_batch, step, index, count)
             yield {"images": batch, "labels": np.repeat(share, cfg.images_per_place)}

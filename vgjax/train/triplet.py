@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vgjax import embed, evaluate
-from vgjax.data import augment, packed, pipeline
+from vgjax.data import augment, packed, pipeline, tfds_builders
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.train import losses, mining
 from vgjax.train.loop import Method, Progress, Run
@@ -84,28 +84,23 @@ def loops_per_epoch(mining_config) -> int:
     return math.ceil(mining_config.queries_per_epoch / mining_config.cache_refresh_rate)
 
 
-def packed_train_folder(config: ml_collections.ConfigDict) -> Path | None:
-    """Where data.packed_folder keeps the train split packed at data.resize, or None."""
+def train_pack(config: ml_collections.ConfigDict, dataset_dir: Path) -> tfds_builders.VgFolderPack | None:
+    """With data.packed_folder: the train split packed at data.resize as data.packed_encoding
+    (vgjax.data.tfds_builders); else None."""
     if not config.data.packed_folder:
         return None
-    height, width = config.data.resize
-    return Path(config.data.packed_folder) / f"{config.data.dataset_name}-train-{height}x{width}"
+    return tfds_builders.vg_folder_pack(config.data.packed_folder, dataset_dir, config.data.resize, splits=("train",),
+                                 encoding=config.data.packed_encoding, num_threads=config.data.num_workers)
 
 
 def packed_train_loader(config: ml_collections.ConfigDict, dataset_dir: Path, split: Split):
-    """With data.packed_folder: the train split's images read from its packed form (vgjax.data.packed),
-    packed first (as data.packed_encoding) if missing (single-process runs); else None (decode
-    the JPEGs). An existing pack is read whatever its encoding."""
-    folder = packed_train_folder(config)
-    if folder is None:
+    """With data.packed_folder: the train split's images read from their pack, built first if
+    missing (single-process runs); else None (decode the JPEGs)."""
+    builder = train_pack(config, dataset_dir)
+    if builder is None:
         return None
-    if not folder.exists():
-        if jax.process_count() > 1:
-            raise FileNotFoundError(f"{folder} does not exist; pack it once before a multi-host run: "
-                                    "python launch.py --config ... --mode pack")
-        packed.pack_split(dataset_dir, "train", folder, tuple(config.data.resize),
-                          encoding=config.data.packed_encoding, num_threads=config.data.num_workers)
-    return packed.open_packed(folder, tuple(config.data.resize)).loader(split)
+    pack = packed.open_or_build(builder, dataset_dir, may_build=jax.process_count() == 1)
+    return pack.loader(dataset_dir, required=split.database_paths + split.query_paths)
 
 
 class Triplet(Method):
@@ -137,7 +132,7 @@ class Triplet(Method):
                  f"mining: {mine.mining}, {loops_per_epoch(mine)} rounds of {mine.cache_refresh_rate} queries "
                  f"per epoch, {mine.negs_num_per_query} negatives each; {self.config.train.criterion} loss"]
         if self.loader is not None:
-            lines.append(f"train images read from {packed_train_folder(self.config)}")
+            lines.append(f"train images read from {self.loader.folder}")
         return lines
 
     def netvlad_init_paths(self) -> list[str]:
