@@ -33,6 +33,8 @@ def test_splits_parse_with_positions_headings_and_notes(world):
         assert Image.open(split.query_paths[0]).size == (32, 24)
     assert not np.array_equal(load_split(world, "train").database_utm,
                               load_split(world, "test").database_utm)
+    manifest = json.loads((world / "vgjax_manifest.json").read_text())["folders"]  # load_split checks it
+    assert manifest["images/train/queries"]["count"] == 20 and manifest["images/test/database"]["tool"].endswith("demo_world")
 
 
 def test_queries_are_darker_other_viewpoints(world):

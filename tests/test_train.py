@@ -218,6 +218,8 @@ def test_straight_run_cadence_banner_log_and_best_metric(straight):
                  "Epoch 1/2 done in", "Epoch 2/2 done in", "aerial_smoke/images/test (hard_resize): R@1: "):
         assert text in log, text
     assert "\r" not in log and "RANDOM weights" in log  # pretrain=none: the one warning that is true
+    manifest = json.loads((root / "datasets" / "aerial_smoke" / "vgjax_manifest.json").read_text())["folders"]
+    assert manifest["images/train/database"]["tool"].endswith("synthetic aerial")
     results = json.loads((workdir / "results.json").read_text())
     history = [epoch["val"]["R@5"] for epoch in results["val_history"]]
     assert results["best_metric"] == "R@5" and results["best_epoch"] == int(np.argmax(history))

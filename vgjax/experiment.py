@@ -45,7 +45,7 @@ import ml_collections
 from vgjax import baselines, demo, embed, eval_run, eval_table, profiling, sharding
 from vgjax import evaluate as evaluate_lib
 from vgjax.configs import common, validate
-from vgjax.data import demo_world, gsv_cities, packed, synthetic
+from vgjax.data import demo_world, gsv_cities, packed, synthetic, vg_folder
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.models import export, pretrained
 from vgjax.train import checkpoint, cosplace, gsv, loop, runs, triplet
@@ -110,6 +110,7 @@ def _prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...])
     else:
         synthetic.build_aerial_dataset(partial, seed=config.seed, splits=splits,
                                        image_size=tuple(config.data.resize))
+    vg_folder.write_manifest(partial, f"synthetic {kind}")
     partial.rename(path)
     return path
 

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vgjax.data import vg_folder
 from vgjax.data.synthetic import UTM_ORIGIN, write_images
 
 MAP_UNIT_M = 0.25
@@ -222,6 +223,7 @@ def build_demo_world(root: str | os.PathLike, *, seed: int = 0, frames_per_walk:
         database, queries = render_split(wad, doom_map, seed + k, frames_per_walk, image_size, progress)
         _write_walk(partial / "images" / split / "database", database, "day")
         _write_walk(partial / "images" / split / "queries", queries, "night")
+    vg_folder.write_manifest(partial, "demo_world")
     (partial / MANIFEST).write_text(json.dumps(parameters, indent=1))
     partial.rename(root)
     return root
