@@ -167,3 +167,56 @@ def test_sf_xl_processed_folders_are_checked_not_converted(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         formats.main(["nowhere", "--raw", str(root), "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "unknown dataset 'nowhere'; choose one of amstertime" in capsys.readouterr().err
+
+
+def test_eynsham_route_points_tiles_and_utc_times(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "EYNSHAM_DATABASE_PANORAMAS", 2)  # 2 database points, 1 query point
+    raw = tmp_path / "raw"
+    points = [(-1.38012, 51.77771), (-1.38040, 51.77790), (-1.38071, 51.77812), (-1.38100, 51.77830)]
+    kml = raw / "Eynsham" / "Route_map" / "Eynsham.kml"
+    kml.parent.mkdir(parents=True)
+    coordinates = " ".join(f"{lon},{lat},0" for lon, lat in points) + " "  # last point and "" dropped
+    kml.write_text("\n".join(["<?xml version='1.0'?>", *["<kml>"] * 10, f"<coordinates>{coordinates}</coordinates>"]))
+    for k in range(5 + 5 * 3):
+        _image(raw / "Eynsham" / "Images" / f"grab_{1186475400 + k}.ppm")
+    dataset = formats.format_dataset("eynsham", raw, tmp_path / "datasets")
+    database = _fields(dataset / "images" / "test" / "database")
+    queries = _fields(dataset / "images" / "test" / "queries")
+    assert len(database) == 10 and len(queries) == 5
+    first = next(f for f in database.values() if f["pano_id"] == "0000" and f["tile_num"] == 0)
+    east, north = utm.from_latlon(51.77771, -1.38012)[:2]
+    assert (first["lat"], first["lon"]) == (51.77771, -1.38012)
+    assert abs(first["east"] - east) < 0.01 and abs(first["north"] - north) < 0.01
+    assert first["timestamp"] == "20070807_083005"  # grab_1186475405 (the first 5 frames skipped), UTC
+    assert sorted((f["pano_id"], int(f["tile_num"])) for f in queries.values()) == [("0002", t) for t in range(5)]
+    Image.open(next((dataset / "images" / "test" / "queries").iterdir())).verify()  # PPM converted to JPEG
+
+
+def test_st_lucia_frames_5_m_apart_from_the_two_videos(tmp_path):
+    import cv2  # the test extra installs it (vgjax's video extra)
+
+    raw = tmp_path / "raw"
+    north_step = {"100909_0845": 2.0, "180809_1545": 6.0}  # metres between frames
+    for sequence, step in north_step.items():
+        (raw / sequence).mkdir(parents=True)
+        writer = cv2.VideoWriter(str(raw / sequence / "webcam_video.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 15, (32, 24))
+        lines = []
+        for i in range(6):
+            writer.write(np.full((24, 32, 3), (40 * i, 10, 200 - 30 * i), np.uint8))  # BGR
+            lat, lon = utm.to_latlon(502000.0, 6958000.0 + step * i, 56, "J")
+            lines.append(f"{-lat:.7f},{lon:.7f}")  # fGPS.txt writes the latitude without its sign
+        writer.release()
+        (raw / sequence / "fGPS.txt").write_text("\n".join(lines) + "\n")
+    dataset = formats.format_dataset("st_lucia", raw, tmp_path / "datasets")
+    database = _fields(dataset / "images" / "test" / "database")
+    queries = _fields(dataset / "images" / "test" / "queries")
+    # 2 m apart: frames 0, 3 (6 m) are kept (frames 1, 2, 4, 5 are under 5 m from the last kept)
+    assert sorted(f["pano_id"] for f in database.values()) == ["100909_0845_00000", "100909_0845_00003"]
+    assert len(queries) == 6 and all(f["lat"] < 0 and f["zone_number"] == 56 for f in queries.values())
+    name, fields = next((n, f) for n, f in database.items() if f["pano_id"].endswith("00003"))
+    assert abs(fields["north"] - 6958006.0) < 0.02
+    pixels = np.asarray(Image.open(dataset / "images" / "test" / "database" / name), np.float32).mean(axis=(0, 1))
+    np.testing.assert_allclose(pixels, (200 - 90, 10, 120), atol=6)  # RGB of the frame written as BGR
+    (raw / "180809_1545" / "fGPS.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="St Lucia sequences 100909_0845 and 180809_1545; found: 100909_0845"):
+        formats.format_dataset("st_lucia", raw, tmp_path / "again")

@@ -12,13 +12,14 @@ tiles), and `vgjax_manifest.json` (vgjax.data.vg_folder.write_manifest). Raw fil
 `sf_xl` checks SF-XL's processed folders (every name parses, the folders CosPlace reads exist)
 and writes nothing.
 
-Not here: st_lucia and eynsham (their raw data are a video and PPM frames; st_lucia needs a
-video decoder vgjax does not depend on) and svox (published already formatted).
+st_lucia reads videos: it needs OpenCV, the decoder the downloader uses (`pip install
+'vgjax[video]'`). Not here: svox (published already formatted).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import re
@@ -36,16 +37,18 @@ from vgjax.data import images, vg_folder
 from vgjax.data.vg_folder import format_image_name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Item:
     """One output image: its split and role, its source file and name, and how it is written
-    ("copy" as is, "jpeg" converted to JPEG, "resize480" converted with its shorter side 480)."""
+    ("copy" as is, "jpeg" converted to JPEG, "resize480" converted with its shorter side 480,
+    "pixels" the decoded video frame `pixels`, uint8 [H, W, 3] RGB, saved as JPEG)."""
 
     split: str
     role: str
     source: Path
     name: str
     write: str = "copy"
+    pixels: np.ndarray | None = None
 
 
 def _name(lat: float, lon: float, **fields) -> str:
@@ -205,9 +208,85 @@ def sped(raw: Path, name: str) -> Iterator[Item]:
         yield Item("test", "queries", query, _mock_name(north, db.stem))
 
 
+EYNSHAM_DATABASE_PANORAMAS = 4787  # the first sequence; the rest of the route is the queries
+EYNSHAM_SKIPPED_FRAMES = 5  # the downloader drops the first 5 PPM frames
+
+
+def eynsham(raw: Path, name: str) -> Iterator[Item]:
+    """raw/Eynsham/Route_map/Eynsham.kml (the route's lon,lat,alt in its first <coordinates>,
+    the last two entries dropped as the downloader does) and raw/Eynsham/Images/grab_<unix
+    time>.ppm, sorted, the first 5 skipped, then 5 tiles per route point; points before 4787
+    are the database. Timestamps are the file's time in UTC."""
+    kml = raw / "Eynsham" / "Route_map" / "Eynsham.kml"
+    if not kml.is_file():
+        raise FileNotFoundError(f"{kml} does not exist (Eynsham's route)")
+    line = next((line for line in kml.read_text().splitlines() if "<coordinates>" in line), None)
+    if line is None:
+        raise ValueError(f"{kml}: no <coordinates> element")
+    points = line.split("<coordinates>")[1].split("</coordinates>")[0].split(" ")[:-2]
+    frames = sorted((raw / "Eynsham" / "Images").glob("*.ppm"))[EYNSHAM_SKIPPED_FRAMES:]
+    if len(frames) < 5 * len(points):
+        raise ValueError(f"{raw / 'Eynsham' / 'Images'}: {len(frames) + EYNSHAM_SKIPPED_FRAMES} PPM frames, "
+                         f"the route needs {EYNSHAM_SKIPPED_FRAMES} + 5 x {len(points)}")
+    for pano, point in enumerate(points):
+        lon, lat = (float(value) for value in point.split(",")[:2])
+        for tile in range(5):
+            source = frames[pano * 5 + tile]
+            seconds = int(source.name.split("grab_")[1].split(".")[0])
+            timestamp = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
+            role = "database" if pano < EYNSHAM_DATABASE_PANORAMAS else "queries"
+            yield Item("test", role, source, _name(lat, lon, pano_id=f"{pano:04d}", tile_num=tile, timestamp=timestamp),
+                       "jpeg")
+
+
+ST_LUCIA_SEQUENCES = ("100909_0845", "180809_1545")  # database, queries: the first and last of the ten
+ST_LUCIA_SPACING_M = 5  # a frame is kept only this far from the last kept one
+
+
+def st_lucia(raw: Path, name: str, sequences: tuple[str, str] = ST_LUCIA_SEQUENCES) -> Iterator[Item]:
+    """raw/<sequence>/{webcam_video.avi, fGPS.txt} of the database and query sequences: frame
+    i is kept when its position (line i of fGPS.txt: latitude without its minus sign,
+    longitude) is at least 5 m, in the names' centimetre-rounded UTM, from the last kept frame.
+    Frames are decoded with OpenCV as the downloader does (seek to the frame, read, BGR -> RGB);
+    pano_id is `<sequence>_<frame:05d>`."""
+    try:
+        import cv2  # the optional `video` extra: the decoder the downloader uses
+    except ImportError as error:
+        raise ImportError("st_lucia's raw data are videos: pip install 'vgjax[video]' (OpenCV, the decoder "
+                          "VPR-datasets-downloader uses)") from error
+    for sequence, role in zip(sequences, ("database", "queries")):
+        video, gps = raw / sequence / "webcam_video.avi", raw / sequence / "fGPS.txt"
+        for path in (video, gps):
+            if not path.is_file():
+                present = sorted(p.name for p in raw.iterdir() if (p / "fGPS.txt").is_file())
+                raise FileNotFoundError(f"{path} does not exist (St Lucia sequences {sequences[0]} and "
+                                        f"{sequences[1]}; found: {', '.join(present) or 'none'})")
+        capture = cv2.VideoCapture(str(video))
+        try:
+            frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            last = None
+            for index, line in zip(range(frames), gps.read_text().splitlines()):
+                latitude, longitude = line.split(",")
+                latitude = "-" + latitude.strip()  # written positive; St Lucia is in the southern hemisphere
+                east, north = utm.from_latlon(float(latitude), float(longitude))[:2]
+                here = (float(vg_folder.format_coord(east, 7, 2)), float(vg_folder.format_coord(north, 7, 2)))
+                if last is not None and math.dist(last, here) < ST_LUCIA_SPACING_M:
+                    continue
+                last = here
+                capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+                ok, frame = capture.read()
+                if not ok or frame is None:
+                    raise ValueError(f"{video}: frame {index} cannot be decoded")
+                yield Item("test", role, video, _name(float(latitude), float(longitude), pano_id=f"{sequence}_{index:05d}"),
+                           "pixels", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        finally:
+            capture.release()
+
+
 FORMATS: dict[str, Callable[[Path, str], Iterator[Item]]] = {
     "pitts30k": pittsburgh, "pitts250k": pittsburgh, "tokyo247": tokyo247, "msls": msls,
-    "san_francisco": san_francisco, "nordland": nordland, "amstertime": amstertime, "sped": sped}
+    "san_francisco": san_francisco, "nordland": nordland, "amstertime": amstertime, "sped": sped,
+    "eynsham": eynsham, "st_lucia": st_lucia}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +301,9 @@ def _write(item: Item, folder: Path) -> None:
         raise FileNotFoundError(f"{item.source} does not exist (listed by the raw data)")
     if item.write == "copy":
         shutil.copyfile(item.source, target)
+        return
+    if item.write == "pixels":
+        Image.fromarray(item.pixels).save(target)
         return
     with Image.open(item.source) as image:
         image = image.convert("RGB")
