@@ -217,6 +217,9 @@ def test_st_lucia_frames_5_m_apart_from_the_two_videos(tmp_path):
     assert abs(fields["north"] - 6958006.0) < 0.02
     pixels = np.asarray(Image.open(dataset / "images" / "test" / "database" / name), np.float32).mean(axis=(0, 1))
     np.testing.assert_allclose(pixels, (200 - 90, 10, 120), atol=6)  # RGB of the frame written as BGR
-    (raw / "180809_1545" / "fGPS.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="St Lucia sequences 100909_0845 and 180809_1545; found: 100909_0845"):
-        formats.format_dataset("st_lucia", raw, tmp_path / "again")
+    (raw / "180809_1545").rename(raw / "other")  # sequences by other names are given on the command line
+    assert formats.main(["st_lucia", "--raw", str(raw), "--out", str(tmp_path / "again"),
+                         "--st-lucia-sequences", "100909_0845,other"]) == 0
+    assert len(list((tmp_path / "again" / "st_lucia" / "images" / "test" / "queries").iterdir())) == 6
+    with pytest.raises(FileNotFoundError, match="St Lucia sequences 100909_0845 and 180809_1545; found: 100909_0845, other"):
+        formats.format_dataset("st_lucia", raw, tmp_path / "third")

@@ -239,7 +239,9 @@ def eynsham(raw: Path, name: str) -> Iterator[Item]:
                        "jpeg")
 
 
-ST_LUCIA_SEQUENCES = ("100909_0845", "180809_1545")  # database, queries: the first and last of the ten
+# Database and queries: the first and last of the ten sequences, which the downloader takes
+# from Mega links that do not name them; these are the names VPR papers use for that pair.
+ST_LUCIA_SEQUENCES = ("100909_0845", "180809_1545")
 ST_LUCIA_SPACING_M = 5  # a frame is kept only this far from the last kept one
 
 
@@ -332,9 +334,11 @@ def save_map(dataset: Path, name: str) -> Path:
     return path
 
 
-def format_dataset(name: str, raw: str | os.PathLike, out: str | os.PathLike) -> Path:
+def format_dataset(name: str, raw: str | os.PathLike, out: str | os.PathLike, *,
+                   st_lucia_sequences: tuple[str, str] = ST_LUCIA_SEQUENCES) -> Path:
     """Writes dataset `name` from its raw folder into `out`/<name> (msls: `out`/msls with a
-    test link to val); returns the dataset folder.
+    test link to val); returns the dataset folder. St Lucia's database and query sequences
+    are `st_lucia_sequences`.
 
     Raises:
       ValueError: an unknown name. FileExistsError: the dataset exists already.
@@ -350,7 +354,8 @@ def format_dataset(name: str, raw: str | os.PathLike, out: str | os.PathLike) ->
     partial = dataset.with_name(dataset.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     counts: dict[tuple[str, str], int] = {}
-    for item in FORMATS[name](raw, name):
+    items = st_lucia(raw, name, st_lucia_sequences) if name == "st_lucia" else FORMATS[name](raw, name)
+    for item in items:
         folder = partial / (item.split if name == "msls" else Path("images") / item.split) / item.role
         folder.mkdir(parents=True, exist_ok=True)
         _write(item, folder)
@@ -384,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", required=True, help="the raw download (the downloader's raw_data folder; "
                         "msls: mapillary_sls; sf_xl: its processed folder)")
     parser.add_argument("--out", help="the datasets folder to write into (not for sf_xl)")
+    parser.add_argument("--st-lucia-sequences", default=",".join(ST_LUCIA_SEQUENCES), metavar="DATABASE,QUERIES",
+                        help="st_lucia: the sequence folders of the database and the queries (default: %(default)s)")
     args = parser.parse_args(argv)
+    sequences = tuple(args.st_lucia_sequences.split(","))
+    if len(sequences) != 2:
+        parser.error(f"--st-lucia-sequences {args.st_lucia_sequences!r}: give two folder names, DATABASE,QUERIES")
     try:
         if args.name == "sf_xl":
             for part, count in check_sf_xl(args.raw).items():
@@ -392,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.out:
             parser.error("--out is required")
-        print(f"Wrote {format_dataset(args.name, args.raw, args.out)}")
+        print(f"Wrote {format_dataset(args.name, args.raw, args.out, st_lucia_sequences=sequences)}")
     except (OSError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
