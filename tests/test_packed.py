@@ -4,6 +4,7 @@ killed builds, damaged shards and missing images are errors naming the file."""
 
 import functools
 import io
+import json
 import math
 import pickle
 import shutil
@@ -187,6 +188,19 @@ def test_damaged_shards_are_errors_naming_the_file(packs, split, tmp_path):
         [loader(path) for path in split.database_paths]
     shard.unlink()
     with pytest.raises(PackedFormatError, match=f"{shard} is missing"):
+        packed.open_pack(builder)
+
+
+def test_damaged_metadata_is_an_error_naming_the_pack(packs, tmp_path):
+    builder = _copy(packs["raw", SMALL], tmp_path)
+    metadata = Path(builder.data_path) / "metadata.json"
+    content = json.loads(metadata.read_text())
+    content["paths"]["test_queries"].pop()
+    metadata.write_text(json.dumps(content))
+    with pytest.raises(PackedFormatError, match="metadata.json lists 19 test_queries paths, the shards hold 20"):
+        packed.open_pack(builder)
+    metadata.write_text(metadata.read_text()[:40])  # truncated
+    with pytest.raises(PackedFormatError, match=f"{builder.data_path}: unreadable dataset_info.json"):
         packed.open_pack(builder)
 
 

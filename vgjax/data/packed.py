@@ -154,8 +154,12 @@ def open_pack(builder: tfds_builders.PackBuilder) -> Pack:
         interrupted = tfds_builders.interrupted_builds(builder)
         hint = f" ({interrupted[0]} is an interrupted build: building again deletes it)" if interrupted else ""
         raise FileNotFoundError(f"pack {folder} does not exist{hint}")
-    with tfds_builders.quiet_tfds():
-        stored = tfds.builder_from_directory(os.fspath(folder))
+    try:
+        with tfds_builders.quiet_tfds():
+            stored = tfds.builder_from_directory(os.fspath(folder))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PackedFormatError(f"{folder}: unreadable dataset_info.json, features.json or metadata.json: "
+                                f"{error}; delete the pack to build it again") from error
     metadata = stored.info.metadata or {}
     paths = metadata.get("paths")
     if not isinstance(paths, dict) or "source" not in metadata:
@@ -179,3 +183,11 @@ def open_or_build(builder: tfds_builders.PackBuilder, source: str | os.PathLike,
                                     "multi-host run: python launch.py --config ... --mode pack")
         tfds_builders.build(builder, source)
     return open_pack(builder)
+
+
+def training_loader(builder: tfds_builders.PackBuilder, source: str | os.PathLike, required: Sequence[str], *,
+                    may_build: bool) -> PackedLoader:
+    """What a training method reads its images with: the pack `builder` writes, built from
+    `source` first if missing and `may_build` (single-process runs), holding every path of
+    `required`."""
+    return open_or_build(builder, source, may_build=may_build).loader(source, required=required)

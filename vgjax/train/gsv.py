@@ -59,19 +59,9 @@ def train_pack(config: ml_collections.ConfigDict) -> tfds_builders.GsvCitiesPack
     (vgjax.data.tfds_builders); else None."""
     if not config.data.packed_folder:
         return None
-    return tfds_builders.gsv_cities_pack(config.data.packed_folder, tuple(config.data.gsv_cities) or gsv_cities.TRAIN_CITIES,
-                                  config.data.resize, encoding=config.data.packed_encoding,
-                                  num_threads=config.data.num_workers)
-
-
-def packed_train_loader(config: ml_collections.ConfigDict, gsv_folder: Path, places: gsv_cities.Places):
-    """With data.packed_folder: the training images read from their pack, built first if missing
-    (single-process runs); else None (decode the JPEGs)."""
-    builder = train_pack(config)
-    if builder is None:
-        return None
-    pack = packed.open_or_build(builder, gsv_folder, may_build=jax.process_count() == 1)
-    return pack.loader(gsv_folder, required=[str(gsv_folder / path) for paths in places.paths for path in paths])
+    cities = tuple(config.data.gsv_cities) or gsv_cities.TRAIN_CITIES
+    return tfds_builders.gsv_cities_pack(config.data.packed_folder, cities, config.data.resize,
+                                         encoding=config.data.packed_encoding, num_threads=config.data.num_workers)
 
 
 class GSVCities(Method):
@@ -89,7 +79,10 @@ class GSVCities(Method):
             raise ValueError(f"{self.gsv_folder}: {len(self.places.paths)} places, fewer than one batch of "
                              f"train.train_batch_size={config.train.train_batch_size} places")
         self.val_split = load_split(self.dataset_dir, "val", config.data.val_positive_dist_threshold)
-        self.loader = packed_train_loader(config, self.gsv_folder, self.places)
+        builder = train_pack(config)
+        self.loader = None if builder is None else packed.training_loader(
+            builder, self.gsv_folder, [str(self.gsv_folder / path) for paths in self.places.paths for path in paths],
+            may_build=jax.process_count() == 1)
 
     def describe(self) -> list[str]:
         places, cfg, val = self.places, self.config.gsv, self.val_split

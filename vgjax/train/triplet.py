@@ -93,16 +93,6 @@ def train_pack(config: ml_collections.ConfigDict, dataset_dir: Path) -> tfds_bui
                                  encoding=config.data.packed_encoding, num_threads=config.data.num_workers)
 
 
-def packed_train_loader(config: ml_collections.ConfigDict, dataset_dir: Path, split: Split):
-    """With data.packed_folder: the train split's images read from their pack, built first if
-    missing (single-process runs); else None (decode the JPEGs)."""
-    builder = train_pack(config, dataset_dir)
-    if builder is None:
-        return None
-    pack = packed.open_or_build(builder, dataset_dir, may_build=jax.process_count() == 1)
-    return pack.loader(dataset_dir, required=split.database_paths + split.query_paths)
-
-
 class Triplet(Method):
     """Mining rounds of query tuples, the triplet/SARE loss (reference.md §3)."""
 
@@ -115,7 +105,10 @@ class Triplet(Method):
         self.train_split = load_split(dataset_dir, "train", data.val_positive_dist_threshold)
         self.val_split = load_split(dataset_dir, "val", data.val_positive_dist_threshold)
         self.queries, self.dropped = mining.training_queries(self.train_split, data.train_positives_dist_threshold)
-        self.loader = packed_train_loader(config, dataset_dir, self.train_split)
+        builder = train_pack(config, dataset_dir)
+        self.loader = None if builder is None else packed.training_loader(
+            builder, dataset_dir, self.train_split.database_paths + self.train_split.query_paths,
+            may_build=jax.process_count() == 1)
         self.tuples = np.zeros((config.mining.cache_refresh_rate, 2 + negs), np.int64)
         self.neg_cache = mining.empty_neg_cache(len(self.queries.query_indices), negs)
         self.weights = (mining.msls_weights(self.train_split.query_fields["note"][self.queries.query_indices])
