@@ -73,7 +73,7 @@ def _refused(config, tmp_path, mode="train", workdir=None) -> str:
     ({"model.resume_checkpoint": "first"}, "model.resume_checkpoint='first': choose one of best, last"),
     ({"model.resume_format": "onnx"}, "model.resume_format='onnx': choose one of benchmark, cosplace"),
     ({"model.pretrain": "imagenet21k"},
-     "model.pretrain='imagenet21k' is neither 'imagenet', 'places365', 'none', 'random'"),
+     "model.pretrain='imagenet21k' is neither 'imagenet', 'places365', 'dinov2', 'none', 'random'"),
     ({"model.pretrain": "places365", "model.backbone": "resnet50conv4"}, "model.pretrain=places365 is a ResNet-18"),
     ({"model.resume": "/no/such/net.pth"}, "model.resume='/no/such/net.pth': no such file or folder"),
     ({"data.synthetic": "forest"}, "data.synthetic='forest': choose one of aerial, cosplace, doom"),

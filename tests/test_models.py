@@ -26,9 +26,10 @@ CLUSTERS = 8
 IMAGE_SIZES = {"alexnet": (88, 88), "vit": (224, 224), "cct384": (384, 384)}  # others: 64x64
 # The benchmark's combinations (its state-dict layout has no Conv-AP or MixVPR: those are
 # checked against their own torch modules and release layouts in test_aggregators / test_zoo).
+# The benchmark's networks (DINOv2 and the GSV-Cities family have their own parity tests).
 COMBINATIONS = [(backbone, aggregation) for backbone in registry.BACKBONES
                 for aggregation in registry.backbone(backbone).aggregations
-                if aggregation not in registry.GSV_AGGREGATIONS]
+                if aggregation not in registry.GSV_AGGREGATIONS and not backbone.startswith("dinov2_")]
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +180,7 @@ def test_pretrain_option_resolves_local_files_and_none(tmp_path):
     config.pretrain = "random"  # the same, asked for on purpose
     assert pretrained.load_pretrained_backbone(config, (64, 64)) is None
     config.pretrain = str(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'places365', 'none', 'random' nor an existing weights file"):
+    with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'places365', 'dinov2', 'none', 'random' nor an existing weights file"):
         pretrained.load_pretrained_backbone(config, (64, 64))
     config.backbone = "cct384"
     config.pretrain = "imagenet"
@@ -197,7 +198,8 @@ def test_every_backbone_name_resolves_to_a_complete_entry(name):
     assert entry.name == name and entry.channels > 0 and entry.aggregations
     assert set(entry.aggregations) <= set(registry.AGGREGATIONS)
     assert callable(entry.family.import_torch) and callable(entry.family.trainable_mask)
-    size = entry.image_sizes[0] if entry.image_sizes else (64, 64)
+    side = 64 - 64 % entry.size_multiple
+    size = entry.image_sizes[0] if entry.image_sizes else (side, side)
     backbone = geoloc_net.build(model_config(name, entry.aggregations[0]), size).backbone
     assert isinstance(backbone, entry.module)
     assert {k: getattr(backbone, k) for k in entry.fields} == dict(entry.fields)
@@ -357,8 +359,8 @@ def test_crn_starts_from_a_netvlad_checkpoint(tmp_path):
     check_parity(model_config("resnet18conv4", "crn"), tmp_path / "crn.npz")
 
 
-@pytest.mark.parametrize("backbone", [name for name in registry.BACKBONES
-                                      if not registry.backbone(name).tokens])
+@pytest.mark.parametrize("backbone", [name for name in registry.BACKBONES  # DINOv2: multiples of 14
+                                      if not registry.backbone(name).tokens and registry.backbone(name).size_multiple == 1])
 def test_min_size_is_the_smallest_input_with_a_non_empty_feature_map(backbone):
     model = geoloc_net.build(model_config(backbone, "gem"), (64, 64))
     smallest = registry.backbone(backbone).min_size

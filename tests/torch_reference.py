@@ -391,3 +391,192 @@ class BenchmarkNet(tnn.Module):
 
     def forward(self, x):
         return self.aggregation(self.backbone(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2 (facebookresearch/dinov2's DinoVisionTransformer, its hub configuration: block_chunks 0,
+# LayerScale, qkv bias, no drop path), SALAD (serizba/salad) and their wrappers, written from
+# their published code. Key names follow their state dicts.
+
+
+class DinoAttention(tnn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = tnn.Linear(dim, 3 * dim)
+        self.proj = tnn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).unbind(2)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class DinoLayerScale(tnn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = tnn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DinoMlp(tnn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = tnn.Linear(dim, hidden), tnn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DinoSwiGLU(tnn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12, self.w3 = tnn.Linear(dim, 2 * hidden), tnn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class DinoBlock(tnn.Module):
+    def __init__(self, dim, heads, ffn):
+        super().__init__()
+        self.norm1 = tnn.LayerNorm(dim, eps=1e-6)
+        self.attn = DinoAttention(dim, heads)
+        self.ls1 = DinoLayerScale(dim)
+        self.norm2 = tnn.LayerNorm(dim, eps=1e-6)
+        self.mlp = (DinoSwiGLU if ffn == "swiglu" else DinoMlp)(dim, 4 * dim)
+        self.ls2 = DinoLayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DinoVisionTransformer(tnn.Module):
+    """dinov2's hub ViT (img_size 518, patch 14); `registers` as its *_reg models (4 tokens,
+    interpolate_antialias=True, interpolate_offset=0)."""
+
+    def __init__(self, dim, depth, heads, ffn="mlp", registers=False):
+        super().__init__()
+        self.patch_size, self.num_register_tokens = 14, 4 if registers else 0
+        self.interpolate_antialias, self.interpolate_offset = (True, 0.0) if registers else (False, 0.1)
+        self.patch_embed = tnn.Module()
+        self.patch_embed.proj = tnn.Conv2d(3, dim, 14, 14)
+        self.cls_token = tnn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = tnn.Parameter(torch.randn(1, 37 * 37 + 1, dim) * 0.02)
+        self.register_tokens = tnn.Parameter(torch.randn(1, 4, dim) * 0.02) if registers else None
+        self.mask_token = tnn.Parameter(torch.zeros(1, dim))
+        self.blocks = tnn.ModuleList([DinoBlock(dim, heads, ffn) for _ in range(depth)])
+        self.norm = tnn.LayerNorm(dim, eps=1e-6)
+
+    def interpolate_pos_encoding(self, x, w, h):
+        npatch, N = x.shape[1] - 1, self.pos_embed.shape[1] - 1
+        if npatch == N and w == h:
+            return self.pos_embed
+        class_pos_embed, patch_pos_embed = self.pos_embed[:, 0], self.pos_embed[:, 1:]
+        dim, w0, h0, M = x.shape[-1], w // self.patch_size, h // self.patch_size, int(math.sqrt(N))
+        if self.interpolate_offset:
+            kwargs = {"scale_factor": (float(w0 + self.interpolate_offset) / M, float(h0 + self.interpolate_offset) / M)}
+        else:
+            kwargs = {"size": (w0, h0)}
+        patch_pos_embed = F.interpolate(patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+                                        antialias=self.interpolate_antialias, **kwargs)
+        assert (w0, h0) == patch_pos_embed.shape[-2:]
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+    def prepare_tokens_with_masks(self, x):
+        B, nc, w, h = x.shape
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, w, h)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+        return x
+
+    def forward_features(self, x):
+        x = self.prepare_tokens_with_masks(x)
+        for blk in self.blocks:
+            x = blk(x)
+        x_norm = self.norm(x)
+        return {"x_norm_clstoken": x_norm[:, 0], "x_norm_patchtokens": x_norm[:, self.num_register_tokens + 1:],
+                "x_prenorm": x}
+
+
+def log_otp_solver(log_a, log_b, M, num_iters=20, reg=1.0):
+    M = M / reg
+    u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    for _ in range(num_iters):
+        u = log_a - torch.logsumexp(M + v.unsqueeze(1), dim=2).squeeze()
+        v = log_b - torch.logsumexp(M + u.unsqueeze(2), dim=1).squeeze()
+    return M + u.unsqueeze(2) + v.unsqueeze(1)
+
+
+def get_matching_probs(S, dustbin_score=1.0, num_iters=3, reg=1.0):
+    batch_size, m, n = S.size()
+    S_aug = torch.empty(batch_size, m + 1, n, dtype=S.dtype, device=S.device)
+    S_aug[:, :m, :n] = S
+    S_aug[:, m, :] = dustbin_score
+    norm = -torch.tensor(math.log(n + m), device=S.device)
+    log_a, log_b = norm.expand(m + 1).contiguous(), norm.expand(n).contiguous()
+    log_a[-1] = log_a[-1] + math.log(n - m)
+    log_a, log_b = log_a.expand(batch_size, -1), log_b.expand(batch_size, -1)
+    return log_otp_solver(log_a, log_b, S_aug, num_iters=num_iters, reg=reg) - norm
+
+
+class TorchSALAD(tnn.Module):
+    """serizba/salad's SALAD aggregator (dropout as in eval mode)."""
+
+    def __init__(self, num_channels=1536, num_clusters=64, cluster_dim=128, token_dim=256):
+        super().__init__()
+        self.num_clusters, self.cluster_dim = num_clusters, cluster_dim
+        self.token_features = tnn.Sequential(tnn.Linear(num_channels, 512), tnn.ReLU(), tnn.Linear(512, token_dim))
+        self.cluster_features = tnn.Sequential(tnn.Conv2d(num_channels, 512, 1), tnn.Dropout(0.3), tnn.ReLU(),
+                                               tnn.Conv2d(512, cluster_dim, 1))
+        self.score = tnn.Sequential(tnn.Conv2d(num_channels, 512, 1), tnn.Dropout(0.3), tnn.ReLU(),
+                                    tnn.Conv2d(512, num_clusters, 1))
+        self.dust_bin = tnn.Parameter(torch.tensor(1.))
+
+    def forward(self, x):
+        x, t = x
+        f = self.cluster_features(x).flatten(2)
+        p = self.score(x).flatten(2)
+        t = self.token_features(t)
+        p = torch.exp(get_matching_probs(p, self.dust_bin, 3))[:, :-1, :]
+        p = p.unsqueeze(1).repeat(1, self.cluster_dim, 1, 1)
+        f = f.unsqueeze(2).repeat(1, 1, self.num_clusters, 1)
+        f = torch.cat([F.normalize(t, p=2, dim=-1), F.normalize((f * p).sum(dim=-1), p=2, dim=1).flatten(1)], dim=-1)
+        return F.normalize(f, p=2, dim=-1)
+
+
+class SaladDINOv2(tnn.Module):
+    """SALAD's backbone wrapper: the hub ViT as `model`, its final norm applied, (map, cls) out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        x = self.model.prepare_tokens_with_masks(x)
+        for blk in self.model.blocks:
+            x = blk(x)
+        x = self.model.norm(x)
+        f = x[:, 1:].reshape((B, H // 14, W // 14, x.shape[-1])).permute(0, 3, 1, 2)
+        return f, x[:, 0]
+
+
+class SaladVPRModel(tnn.Module):
+    """SALAD's VPRModel: `backbone.model.*` and `aggregator.*`, as in its dino_salad.ckpt."""
+
+    def __init__(self, backbone, aggregator):
+        super().__init__()
+        self.backbone, self.aggregator = backbone, aggregator
+
+    def forward(self, x):
+        return self.aggregator(self.backbone(x))

@@ -42,15 +42,20 @@ def get_config() -> ml_collections.ConfigDict:
         mixvpr_out_rows=4,
         mixvpr_mix_depth=4,
         mixvpr_mlp_ratio=1,
+        salad_clusters=64,  # SALAD (after DINOv2): clusters m, their dimension l, the CLS token's g, dropout
+        salad_cluster_dim=128,
+        salad_token_dim=256,
+        salad_dropout=0.3,
         fc_output_dim=config_dict.placeholder(int),
         pretrain="imagenet",  # imagenet | places365 (resnet18) | none | random (evaluated on purpose) | a weights file
         trunc_te=config_dict.placeholder(int),
         freeze_te=config_dict.placeholder(int),
+        unfreeze_n_blocks=config_dict.placeholder(int),  # DINOv2: train only its last N blocks (+ final norm); None: all
         dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
         frozen_bn=False,  # True: BatchNorm of frozen stages stops updating its statistics
         resume="",  # a whole network to evaluate or to start training from: a weights file or a vgjax workdir
         resume_checkpoint="best",  # of a vgjax workdir: best | last
-        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files) | gsv (MixVPR / Conv-AP files)
+        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files) | gsv (MixVPR / Conv-AP / SALAD files)
     ))
 
     config.train = ml_collections.ConfigDict(dict(

@@ -157,10 +157,10 @@ def open_pack(builder: tfds_builders.PackBuilder) -> Pack:
     try:
         with tfds_builders.quiet_tfds():
             stored = tfds.builder_from_directory(os.fspath(folder))
+            metadata = stored.info.metadata or {}  # read lazily: here
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise PackedFormatError(f"{folder}: unreadable dataset_info.json, features.json or metadata.json: "
                                 f"{error}; delete the pack to build it again") from error
-    metadata = stored.info.metadata or {}
     paths = metadata.get("paths")
     if not isinstance(paths, dict) or "source" not in metadata:
         raise PackedFormatError(f"{folder / 'metadata.json'} lacks the source folder or the path lists")

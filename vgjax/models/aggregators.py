@@ -424,14 +424,105 @@ class MixVPR(nn.Module):
                         param_dtype=self.param_dtype, name=name)
 
 
+# ------------------------------------------------------------------------------ SALAD (DINOv2)
+
+def log_optimal_transport(scores: jax.Array, dustbin: jax.Array, iterations: int = 3) -> jax.Array:
+    """SALAD's Sinkhorn in log space (after OpenGlue): scores [B, m, n] (m clusters, n local
+    features) and a dustbin row of value `dustbin` -> log transport plan [B, m + 1, n] plus
+    log(n + m). Source marginals 1/(n + m) per cluster and (n - m)/(n + m) for the dustbin,
+    target 1/(n + m) per feature; regularisation 1."""
+    batch, clusters, features = scores.shape
+    if features <= clusters:
+        raise ValueError(f"SALAD needs more local features than clusters (its dustbin weighs n - m), got "
+                         f"{features} features for {clusters} clusters: use a larger input")
+    scores = jnp.concatenate([scores, jnp.broadcast_to(dustbin.astype(scores.dtype), (batch, 1, features))], axis=1)
+    norm = -math.log(features + clusters)
+    log_a = jnp.full((clusters + 1,), norm, scores.dtype).at[-1].add(math.log(features - clusters))
+    log_b = jnp.full((features,), norm, scores.dtype)
+    u, v = jnp.zeros((batch, clusters + 1), scores.dtype), jnp.zeros((batch, features), scores.dtype)
+    for _ in range(iterations):
+        u = log_a - jax.nn.logsumexp(scores + v[:, None, :], axis=2)
+        v = log_b - jax.nn.logsumexp(scores + u[:, :, None], axis=1)
+    return scores + u[:, :, None] + v[:, None, :] - norm
+
+
+class SALAD(nn.Module):
+    """SALAD (Izquierdo & Civera, CVPR 2024): from DINOv2's patch map [B, h, w, C] and CLS token
+    [B, C]: a score MLP (C -> 512 -> ReLU -> clusters) and a feature MLP (C -> 512 -> ReLU ->
+    cluster_dim) per patch (1x1 convolutions, dropout after the first layer), the scores turned
+    into an assignment by `log_optimal_transport` with a learned dustbin (the dustbin row is
+    dropped), features summed per cluster and L2-normalised over cluster_dim, flattened
+    (feature-major) after the CLS token's MLP (C -> 512 -> ReLU -> token_dim) L2-normalised;
+    the whole L2-normalised. -> [B, token_dim + clusters * cluster_dim]. The Sinkhorn and the
+    norms run in float32."""
+    clusters: int = 64
+    cluster_dim: int = 128
+    token_dim: int = 256
+    dropout: float = 0.3
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: tuple[jax.Array, jax.Array], train: bool = False) -> jax.Array:
+        if not isinstance(x, tuple):
+            raise ValueError("SALAD takes (patch map, CLS token): use it after a DINOv2 backbone")
+        maps, token = x
+        batch, height, width, channels = maps.shape
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        local = maps.reshape(batch, height * width, channels)
+
+        def mlp(name: str, features: int) -> jax.Array:  # [B, n, features]
+            hidden = dense(512, name=f"{name}_1")(local)
+            hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
+            return dense(features, name=f"{name}_2")(nn.relu(hidden))
+
+        features = mlp("cluster_features", self.cluster_dim).astype(_F32)  # [B, n, l]
+        scores = mlp("score", self.clusters).astype(_F32).transpose(0, 2, 1)  # [B, m, n]
+        dustbin = self.param("dust_bin", nn.initializers.constant(1.0), (), self.param_dtype)
+        assignment = jnp.exp(log_optimal_transport(scores, dustbin.astype(_F32)))[:, :-1]  # [B, m, n]
+        clustered = jnp.einsum("bnl,bmn->blm", features, assignment, precision=_HIGHEST)
+        token = dense(self.token_dim, name="token_features_2")(nn.relu(dense(512, name="token_features_1")(token)))
+        descriptor = jnp.concatenate([l2_normalize(token), l2_normalize(clustered, axis=1).reshape(batch, -1)], axis=-1)
+        return l2_normalize(descriptor).astype(self.dtype)
+
+
+def _import_salad(reader: StateDictReader, prefix: str, channels: int, module: SALAD) -> dict:
+    def conv1x1(name: str, n_in: int, n_out: int) -> dict:
+        return {"kernel": reader.take(f"{name}.weight", (n_out, n_in, 1, 1)).reshape(n_out, n_in).T,
+                "bias": reader.take(f"{name}.bias", (n_out,))}
+
+    return {"cluster_features_1": conv1x1(prefix + "cluster_features.0", channels, 512),
+            "cluster_features_2": conv1x1(prefix + "cluster_features.3", 512, module.cluster_dim),
+            "score_1": conv1x1(prefix + "score.0", channels, 512),
+            "score_2": conv1x1(prefix + "score.3", 512, module.clusters),
+            "token_features_1": dense(reader, prefix + "token_features.0", channels, 512),
+            "token_features_2": dense(reader, prefix + "token_features.2", 512, module.token_dim),
+            "dust_bin": reader.take(prefix + "dust_bin", ())}
+
+
+def _export_salad(params: dict, prefix: str) -> dict:
+    def conv1x1(values: dict, name: str) -> dict:
+        kernel = np.asarray(values["kernel"], np.float32)
+        return {f"{name}.weight": kernel.T[:, :, None, None], f"{name}.bias": np.asarray(values["bias"], np.float32)}
+
+    return {**conv1x1(params["cluster_features_1"], prefix + "cluster_features.0"),
+            **conv1x1(params["cluster_features_2"], prefix + "cluster_features.3"),
+            **conv1x1(params["score_1"], prefix + "score.0"), **conv1x1(params["score_2"], prefix + "score.3"),
+            **torch_dense(params["token_features_1"], prefix + "token_features.0"),
+            **torch_dense(params["token_features_2"], prefix + "token_features.2"),
+            prefix + "dust_bin": np.asarray(params["dust_bin"], np.float32)}
+
+
 # ------------------------------------------------------------------------------ registry, import
 
 AGGREGATIONS = {"gem": GeM, "spoc": SPoC, "mac": MAC, "rmac": RMAC, "rrm": RRM,
-                "netvlad": NetVLAD, "crn": CRN, "convap": ConvAP, "mixvpr": MixVPR}
-# The model config keys of each GSV-Cities aggregation, by module field.
+                "netvlad": NetVLAD, "crn": CRN, "convap": ConvAP, "mixvpr": MixVPR, "salad": SALAD}
+# The model config keys of each GSV-Cities-style aggregation, by module field.
 OPTION_KEYS = {"convap": {"out_channels": "convap_out_channels", "pool": "convap_pool"},
                "mixvpr": {"out_channels": "mixvpr_out_channels", "out_rows": "mixvpr_out_rows",
-                          "mix_depth": "mixvpr_mix_depth", "mlp_ratio": "mixvpr_mlp_ratio"}}
+                          "mix_depth": "mixvpr_mix_depth", "mlp_ratio": "mixvpr_mlp_ratio"},
+               "salad": {"clusters": "salad_clusters", "cluster_dim": "salad_cluster_dim",
+                         "token_dim": "salad_token_dim", "dropout": "salad_dropout"}}
 
 
 def _check_name(aggregation: str) -> str:
@@ -468,6 +559,9 @@ def output_dim(aggregation: str, channels: int, clusters: int = 64, model_config
     out_channels * out_rows for mixvpr, channels otherwise."""
     if _check_name(aggregation) in ("netvlad", "crn"):
         return clusters * channels
+    if aggregation == "salad":
+        module = create(aggregation, model_config=model_config)
+        return module.token_dim + module.clusters * module.cluster_dim
     if aggregation in OPTION_KEYS:
         module = create(aggregation, model_config=model_config)
         return module.out_channels * (module.out_rows if aggregation == "mixvpr" else math.prod(module.pool))
@@ -481,12 +575,14 @@ def import_torch(reader: StateDictReader, prefix: str, aggregation: str, channel
     (Conv2d, CNN) or [K, C, 1] (Conv1d, tokens); crn adds `crn.filter_{3_3,5_5,7_7}.{weight,
     bias}` and `crn.acc_w.{weight,bias}` (read and checked to be 1 and 0); rrm
     `{ln1,fc1,fc2,ln2}.{weight,bias}`; convap `channel_pool.{weight,bias}` and mixvpr
-    `mix.<k>.mix.{0,1,3}`, `channel_proj`, `row_proj` in the GSV-Cities/MixVPR layouts (options
-    from `model_config`). spoc, mac and rmac have no tensors."""
+    `mix.<k>.mix.{0,1,3}`, `channel_proj`, `row_proj` in the GSV-Cities/MixVPR layouts, salad
+    `{cluster_features,score}.{0,3}` (1x1 Conv2d), `token_features.{0,2}` and `dust_bin` in
+    serizba/salad's (options from `model_config`). spoc, mac and rmac have no tensors."""
     _check_name(aggregation)
     if aggregation in OPTION_KEYS:
         module = create(aggregation, model_config=model_config)
-        return {"params": (_import_convap if aggregation == "convap" else _import_mixvpr)(reader, prefix, channels, module)}
+        importer = {"convap": _import_convap, "mixvpr": _import_mixvpr, "salad": _import_salad}[aggregation]
+        return {"params": importer(reader, prefix, channels, module)}
     if aggregation == "gem":
         return {"params": {"p": reader.take(prefix + "p", (1,))}}
     if aggregation == "rrm":
@@ -528,7 +624,9 @@ def export_torch(variables: dict, prefix: str, aggregation: str, tokens: bool = 
     (Conv2d), or [K, C, 1] (Conv1d) after a token backbone; CRN's fixed `acc_w` is written as
     the benchmark holds it (weight 1 [1, 84, 1, 1], bias 0)."""
     params = variables.get("params", {})
-    if _check_name(aggregation) in OPTION_KEYS:
+    if _check_name(aggregation) == "salad":
+        return _export_salad(params, prefix)
+    if aggregation in OPTION_KEYS:
         return _export_gsv(params, prefix, aggregation)
     if aggregation == "gem":
         return {prefix + "p": np.asarray(params["p"], np.float32)}

@@ -46,12 +46,20 @@ _RESNET_INDICES = {name: index for index, name in pretrained.RESNET_CHILDREN.ite
 def benchmark_state_dict(model_config: ml_collections.ConfigDict, variables: Mapping,
                          image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """The benchmark's state dict (key -> numpy array, float32 except num_batches_tracked int64)
-    of `variables` ({"params", "batch_stats"}) of `geoloc_net.build(model_config, image_size)`."""
+    of `variables` ({"params", "batch_stats"}) of `geoloc_net.build(model_config, image_size)`.
+    DINOv2 networks, which the benchmark lacks, are written in SALAD's layout (`backbone.model.`
+    + dinov2's names, `aggregator.`), which serizba/salad's VPRModel and resume_format=gsv load."""
     entry = registry.backbone(model_config.backbone)
     params = variables["params"]
     backbone = {"params": params["backbone"],
                 "batch_stats": variables.get("batch_stats", {}).get("backbone", {})}
     fields = entry.module_fields(model_config, image_size)
+    if model_config.backbone.startswith("dinov2_"):  # the benchmark has no DINOv2: SALAD's layout
+        state = entry.family.export_torch(backbone, "backbone.model.", **fields)
+        if model_config.aggregation not in registry.TOKEN_OUTPUTS:
+            state.update(aggregators.export_torch({"params": params.get("aggregation", {})}, "aggregator.",
+                                                  model_config.aggregation))
+        return state
     if entry.tokens:
         state = entry.family.export_torch(backbone, pretrained.TOKEN_BACKBONE_PREFIXES[entry.name], **fields)
     else:

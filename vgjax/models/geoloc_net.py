@@ -98,18 +98,24 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"unknown model.dtype {config.dtype!r}; choose one of {tuple(DTYPES)}")
     for key in aggregators.OPTION_KEYS.get(config.aggregation, {}).values():
         values = config[key] if isinstance(config[key], (tuple, list)) else (config[key],)
-        if not all(isinstance(v, (int, float)) and v > 0 for v in values) or not values:
+        if key.endswith("dropout"):
+            if not (isinstance(config[key], (int, float)) and 0 <= config[key] < 1):
+                raise ValueError(f"model.{key} must be in [0, 1), got {config[key]!r}")
+        elif not all(isinstance(v, (int, float)) and v > 0 for v in values) or not values:
             raise ValueError(f"model.{key} must be positive, got {config[key]!r}")
 
 
 def check_image_size(backbone: str, image_size: tuple[int, int]) -> None:
-    """ViT needs 224x224 or 384x384, CCT 384x384 (their position embeddings are fixed); a CNN
-    needs at least its `min_size` per side (a smaller input gives an empty feature map, hence
+    """ViT needs 224x224 or 384x384, CCT 384x384 (their position embeddings are fixed), DINOv2
+    multiples of 14; a CNN needs at least its `min_size` per side (a smaller input gives an empty feature map, hence
     all-zero descriptors)."""
     entry = registry.backbone(backbone)
     if entry.image_sizes and tuple(image_size) not in entry.image_sizes:
         raise ValueError(f"backbone {backbone} needs resize {' or '.join(map(str, entry.image_sizes))}, "
                          f"got {tuple(image_size)}")
+    if any(side % entry.size_multiple for side in image_size):
+        raise ValueError(f"backbone {backbone} needs data.resize sides that are multiples of {entry.size_multiple} "
+                         f"(its patch size), got {tuple(image_size)}")
     if min(image_size) < entry.min_size:
         raise ValueError(f"backbone {backbone} needs data.resize of at least {entry.min_size}x"
                          f"{entry.min_size} (a smaller input gives an empty feature map and all-zero "
@@ -186,7 +192,7 @@ def variable_shapes(model: GeoLocalizationNet, image_size: tuple[int, int]) -> d
 def trainable_mask(config: ml_collections.ConfigDict, params: dict) -> dict:
     """Bool pytree over `params`: False where the benchmark freezes (backbone rules), True else."""
     entry = registry.backbone(config.backbone)
-    kwargs = {"freeze_te": config.freeze_te} if entry.tokens else {}
+    kwargs = {key: config.get(key) for key in entry.mask_options}
     mask = jax.tree_util.tree_map(lambda _: True, params)
     mask["backbone"] = entry.family.trainable_mask(params["backbone"], **kwargs)
     return mask

@@ -37,6 +37,16 @@ TORCHVISION_URLS = {
     "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
     "alexnet": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
 }
+# DINOv2's LVD-142M weights (its torch.hub files), for backbone dinov2_<size>[_reg].
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{size}/dinov2_{size}{registers}_pretrain.pth"
+
+
+def dinov2_url(backbone: str) -> str:
+    """The hub file of a dinov2_<size>[_reg] backbone."""
+    size = backbone.removeprefix("dinov2_").removesuffix("_reg")
+    return DINOV2_URL.format(size=size, registers="_reg4" if backbone.endswith("_reg") else "")
+
+
 # The benchmark's ResNet children indices -> torchvision names (reference §2.8).
 RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 # Where the benchmark's state dicts hold a token backbone's own keys (CNN keys are renamed).
@@ -100,7 +110,8 @@ def _rename_benchmark_backbone(state: Mapping[str, np.ndarray], backbone: str) -
 def load_torchvision_backbone(path: str | os.PathLike, model_config: ml_collections.ConfigDict,
                               image_size: tuple[int, int] = (480, 640)) -> dict:
     """Backbone variables from a torchvision-format state dict (resnet/vgg16/alexnet), e.g.
-    ImageNet weights or the Places365 ResNet-18; its classifier is ignored."""
+    ImageNet weights or the Places365 ResNet-18 (its classifier is ignored), or from a DINOv2
+    hub file (dinov2's names)."""
     if registry.backbone(model_config.backbone).tokens:
         raise ValueError(f"load_torchvision_backbone: {model_config.backbone} is not a torchvision CNN")
     reader = StateDictReader(read_state_dict(path), str(path))
@@ -205,13 +216,16 @@ def load_cosplace_checkpoint(path: str | os.PathLike, model_config: ml_collectio
 
 def load_gsv_checkpoint(path: str | os.PathLike, model_config: ml_collections.ConfigDict,
                         image_size: tuple[int, int] = (320, 320)) -> dict:
-    """All variables from a released MixVPR or Conv-AP file (GSV-Cities layout): the ResNet at
-    `backbone.model.<torchvision name>` (MixVPR's without layer4: conv4; Conv-AP's with it:
-    conv5) and the aggregation at `aggregator.` (MixVPR: mix.<k>.mix.{0,1,3}, channel_proj,
-    row_proj; Conv-AP: channel_pool). A Lightning checkpoint's `state_dict` is unwrapped."""
-    if model_config.aggregation not in registry.GSV_AGGREGATIONS or not model_config.backbone.startswith("resnet"):
-        raise ValueError("a MixVPR or Conv-AP file holds a ResNet with aggregation mixvpr or convap; got "
-                         f"{model_config.backbone} + {model_config.aggregation}")
+    """All variables from a released MixVPR, Conv-AP or SALAD file (GSV-Cities' layout): the
+    backbone at `backbone.model.` (a ResNet under torchvision names, MixVPR's without layer4:
+    conv4, Conv-AP's with it: conv5; SALAD's DINOv2 under dinov2's names) and the aggregation at
+    `aggregator.` (MixVPR: mix.<k>.mix.{0,1,3}, channel_proj, row_proj; Conv-AP: channel_pool;
+    SALAD: see aggregators.import_torch). A Lightning checkpoint's `state_dict` is unwrapped."""
+    resnet_gsv = model_config.aggregation in registry.GSV_AGGREGATIONS and model_config.backbone.startswith("resnet")
+    dinov2_salad = model_config.aggregation == "salad" and model_config.backbone.startswith("dinov2_")
+    if not (resnet_gsv or dinov2_salad):
+        raise ValueError("a MixVPR or Conv-AP file holds a ResNet with aggregation mixvpr or convap, a SALAD file "
+                         f"a DINOv2 with aggregation salad; got {model_config.backbone} + {model_config.aggregation}")
     reader = StateDictReader(read_state_dict(path), str(path))
     channels = registry.backbone(model_config.backbone).channels
     parts = {"backbone": _import_backbone(reader, "backbone.model.", model_config, image_size),
@@ -221,7 +235,7 @@ def load_gsv_checkpoint(path: str | os.PathLike, model_config: ml_collections.Co
     return _variables(**parts)
 
 
-PRETRAIN_NAMES = ("imagenet", "places365", "none", "random")  # or a local weights file
+PRETRAIN_NAMES = ("imagenet", "places365", "dinov2", "none", "random")  # or a local weights file
 RANDOM_INIT = ("none", "random", "")  # random: asked for on purpose (vgjax.configs.validate)
 
 
@@ -231,6 +245,9 @@ def check_pretrain(model_config: ml_collections.ConfigDict) -> None:
     pretrain, backbone = model_config.pretrain, model_config.backbone
     if pretrain == "places365" and not backbone.startswith("resnet18"):
         raise ValueError(f"model.pretrain=places365 is a ResNet-18; got backbone {backbone}")
+    if (pretrain == "dinov2") != backbone.startswith("dinov2_") and pretrain in ("dinov2", "imagenet"):
+        raise ValueError(f"model.pretrain={pretrain} does not fit backbone {backbone}: DINOv2 backbones take "
+                         "pretrain=dinov2 (its LVD-142M weights), the others are not DINOv2")
     if pretrain == "imagenet" and torchvision_arch(backbone) not in TORCHVISION_URLS:
         raise ValueError(f"model.pretrain=imagenet is available for {sorted(TORCHVISION_URLS)}; for "
                          f"{backbone} pass a local weights file as model.pretrain")
@@ -246,8 +263,8 @@ def torchvision_arch(backbone: str) -> str:
 
 def pretrained_backbone_file(model_config: ml_collections.ConfigDict) -> Path | None:
     """The file behind `model_config.pretrain`: a local path, "imagenet" (torchvision V1 weights,
-    cached or downloaded), "places365" (ResNet-18 only, vgjax.models.places365), or None for
-    "none" and "random"."""
+    cached or downloaded), "places365" (ResNet-18 only, vgjax.models.places365), "dinov2"
+    (DINOv2's hub file of the backbone, cached or downloaded), or None for "none" and "random"."""
     check_pretrain(model_config)
     pretrain = model_config.pretrain
     if pretrain in RANDOM_INIT:
@@ -256,6 +273,8 @@ def pretrained_backbone_file(model_config: ml_collections.ConfigDict) -> Path | 
         return places365.resnet18_file()
     if pretrain == "imagenet":
         return fetch(TORCHVISION_URLS[torchvision_arch(model_config.backbone)])
+    if pretrain == "dinov2":
+        return fetch(dinov2_url(model_config.backbone))
     return Path(pretrain)
 
 
@@ -268,7 +287,7 @@ def load_pretrained_backbone(model_config, image_size) -> dict | None:
     return loader(path, model_config, image_size)
 
 
-RESUME_FORMATS = ("benchmark", "cosplace", "gsv")  # gsv: the released MixVPR / Conv-AP files
+RESUME_FORMATS = ("benchmark", "cosplace", "gsv")  # gsv: the released MixVPR / Conv-AP / SALAD files
 
 
 def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[int, int],

@@ -24,12 +24,13 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from vgjax.models.backbones import alexnet, cct, resnet, vgg, vit
+from vgjax.models.backbones import alexnet, cct, dinov2, resnet, vgg, vit
 
 POOLINGS = ("gem", "spoc", "mac", "rmac")
 TOKEN_OUTPUTS = ("cls", "seqpool")
 GSV_AGGREGATIONS = ("convap", "mixvpr")  # the GSV-Cities family's, after CNNs only
-AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS + TOKEN_OUTPUTS
+DINOV2_AGGREGATIONS = ("salad",)  # take DINOv2's patch map and CLS token
+AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS + DINOV2_AGGREGATIONS + TOKEN_OUTPUTS
 _CNN_AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS
 
 # Module fields that come from the model config (and the input size), by field name.
@@ -39,6 +40,8 @@ _CONFIG_FIELDS: dict[str, Callable[[ml_collections.ConfigDict, tuple[int, int]],
     "output": lambda config, size: (config.aggregation if config.aggregation in TOKEN_OUTPUTS
                                     else "tokens"),
     "image_size": lambda config, size: int(size[0]),
+    "returns": lambda config, size: ("map_and_cls" if config.aggregation == "salad" else
+                                     "cls" if config.aggregation == "cls" else "map"),
 }
 
 
@@ -58,6 +61,8 @@ class Backbone:
       image_sizes: the (H, W) it accepts; empty = any.
       min_size: the smallest input side whose output map is not empty (its unpadded poolings
         floor the size); 1 when padding keeps every map at least 1x1.
+      size_multiple: each input side must be a multiple of it (DINOv2's 14-pixel patches).
+      mask_options: the model config keys its family's `trainable_mask` takes.
     """
 
     name: str
@@ -70,6 +75,8 @@ class Backbone:
     aggregations: tuple[str, ...]
     image_sizes: tuple[tuple[int, int], ...] = ()
     min_size: int = 1
+    size_multiple: int = 1
+    mask_options: tuple[str, ...] = ()
 
     def module_fields(self, config: ml_collections.ConfigDict, image_size: tuple[int, int]) -> dict:
         """Every field of `module` except dtype, for a model config and input size (H, W); the
@@ -84,14 +91,23 @@ def _resnet(depth: int, last_stage: int) -> Backbone:
                     resnet.resnet_channels(depth, last_stage), False, resnet, _CNN_AGGREGATIONS)
 
 
+def _dinov2(size: str, registers: bool) -> Backbone:
+    """dinov2_<size> and dinov2_<size>_reg: patch maps [B, h, w, C] (and the CLS token for salad)."""
+    return Backbone(f"dinov2_{size}{'_reg' if registers else ''}", dinov2.DINOv2,
+                    {"size": size, "registers": registers}, ("returns",), dinov2.ARCHS[size].width, False, dinov2,
+                    ("salad", "gem", "netvlad", "cls"), min_size=dinov2.PATCH, size_multiple=dinov2.PATCH,
+                    mask_options=("unfreeze_n_blocks",))
+
+
 _REGISTRY = {entry.name: entry for entry in (
     Backbone("alexnet", alexnet.AlexNet, {}, (), 256, False, alexnet, _CNN_AGGREGATIONS, min_size=31),
     Backbone("vgg16", vgg.VGG16, {}, (), 512, False, vgg, _CNN_AGGREGATIONS, min_size=16),
     *(_resnet(depth, last_stage) for depth in (18, 50, 101) for last_stage in (4, 5)),
     Backbone("cct384", cct.CCT, {}, ("trunc_te", "output"), 384, True, cct,
-             ("netvlad", "gem", "cls", "seqpool"), ((384, 384),)),
+             ("netvlad", "gem", "cls", "seqpool"), ((384, 384),), mask_options=("freeze_te",)),
     Backbone("vit", vit.ViT, {}, ("trunc_te", "output", "image_size"), 768, True, vit,
-             ("cls", "gem", "netvlad"), ((224, 224), (384, 384))),
+             ("cls", "gem", "netvlad"), ((224, 224), (384, 384)), mask_options=("freeze_te",)),
+    *(_dinov2(size, registers) for size in dinov2.ARCHS for registers in (False, True)),
 )}
 
 BACKBONES = tuple(_REGISTRY)

@@ -2,7 +2,8 @@
 
 `load(source)` takes
 - a zoo name (`available()` lists them): the public checkpoints VPR users evaluate (CosPlace,
-  EigenPlaces, the benchmark's model zoo, MixVPR) and ImageNet/Places365 backbones with GeM.
+  EigenPlaces, the benchmark's model zoo, MixVPR, SALAD) and ImageNet/Places365/DINOv2
+  backbones with GeM.
   The file is downloaded once into the weights cache (`weights_cache`), checked against its
   sha256, and read from the cache (or a copy put there by hand) when offline;
 - a vgjax model file (`*.vgjax.safetensors`, from `--mode export`), which describes itself;
@@ -72,7 +73,8 @@ class ZooEntry:
 def _entries() -> dict[str, ZooEntry]:
     entries = [*_cosplace_entries("cosplace", "CosPlace", COSPLACE_DIMS, COSPLACE_URL),
                *_cosplace_entries("eigenplaces", "EigenPlaces", EIGENPLACES_DIMS, EIGENPLACES_URL),
-               *_benchmark_entries(), *_mixvpr_entries(), *_backbone_entries(), *_unavailable_entries()]
+               *_benchmark_entries(), *_mixvpr_entries(), *_dinov2_entries(), *_backbone_entries(),
+               *_unavailable_entries()]
     return {entry.name: entry for entry in entries}
 
 
@@ -208,6 +210,21 @@ def _mixvpr_entries() -> list[ZooEntry]:
             for dim, (channels, rows, file_id) in _MIXVPR.items()]
 
 
+SALAD_URL = "https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt"
+
+
+def _dinov2_entries() -> list[ZooEntry]:
+    """SALAD (CVPR 2024; its torch.hub file, evaluated at 322x322) and each DINOv2 backbone with
+    GeM on its LVD-142M weights (no VPR training)."""
+    salad = ZooEntry("salad_dinov2", "DINOv2 ViT-B/14 + SALAD, 8448-D, trained on GSV-Cities",
+                     {"backbone": "dinov2_vitb14", "aggregation": "salad"}, "gsv", (322, 322), url=SALAD_URL)
+    backbones = [ZooEntry(f"{name}_gem", f"DINOv2 {name.removeprefix('dinov2_')} + GeM with DINOv2's LVD-142M "
+                          "weights (no VPR training)", {"backbone": name, "aggregation": "gem"}, "backbone",
+                          (322, 322), url=pretrained.dinov2_url(name))
+                 for name in registry.BACKBONES if name.startswith("dinov2_")]
+    return [salad, *backbones]
+
+
 def _backbone_entries() -> list[ZooEntry]:
     entries = [ZooEntry(f"imagenet_{backbone}_gem", f"{backbone} + GeM with torchvision's ImageNet weights "
                         "(no VPR training)", {"backbone": backbone, "aggregation": "gem"}, "backbone",
@@ -230,8 +247,6 @@ def _unavailable_entries() -> list[ZooEntry]:
                    "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL): download resnet50_ConvAP_<C>_2x2.ckpt and load it with "
                    "model={'backbone': 'resnet50conv5', 'aggregation': 'convap', 'convap_out_channels': C, "
                    "'resume_format': 'gsv'}") for dim in (512, 2048, 4096, 8192)),
-        ZooEntry("salad_dinov2", "DINOv2 ViT-B/14 + SALAD, 8448-D", {}, "benchmark",
-                 unavailable=f"{later}: DINOv2 and SALAD"),
         ZooEntry("boq_dinov2", "DINOv2 ViT-B/14 + BoQ, 12288-D", {}, "benchmark", unavailable=f"{later}: DINOv2 and BoQ"),
         ZooEntry("megaloc", "MegaLoc (DINOv2 + SALAD variant), 8448-D", {}, "benchmark",
                  unavailable=f"{later}: DINOv2 and MegaLoc's aggregator"),
@@ -274,9 +289,12 @@ def model_config(model: Mapping[str, Any] | ml_collections.ConfigDict | None = N
 
 
 def default_image_size(backbone: str) -> tuple[int, int]:
-    """The backbone's only/first input size (ViT, CCT), else DEFAULT_IMAGE_SIZE."""
-    sizes = registry.backbone(backbone).image_sizes
-    return tuple(sizes[0]) if sizes else DEFAULT_IMAGE_SIZE
+    """The backbone's only/first input size (ViT, CCT), else DEFAULT_IMAGE_SIZE rounded down to
+    the backbone's size multiple (DINOv2: 476x630)."""
+    entry = registry.backbone(backbone)
+    if entry.image_sizes:
+        return tuple(entry.image_sizes[0])
+    return tuple(side - side % entry.size_multiple for side in DEFAULT_IMAGE_SIZE)
 
 
 def build(model: Mapping[str, Any] | ml_collections.ConfigDict | None = None, *,
