@@ -1,6 +1,7 @@
-"""Profiles the paper's Table 3 networks: params, size, FLOPs, descriptor dim, extraction speed.
+"""Profiles the paper's Table 3 networks, and DINOv2 + SALAD / BoQ and ResNet-50 + BoQ: params,
+size, FLOPs, descriptor dim, extraction speed.
 
-  python benchmarks/model_table.py            # 480x640 (ViT 224, CCT 384), batch 8
+  python benchmarks/model_table.py            # 480x640 (ViT 224, CCT 384, DINOv2 322x322), batch 8
   python benchmarks/model_table.py --quick    # 120x160, batch 2, fewer networks: ~1 minute
   python benchmarks/model_table.py --only resnet18conv4:gem,vit:cls
 
@@ -22,12 +23,17 @@ from vgjax import profiling  # noqa: E402
 NETWORKS = [(b, a) for b in ("vgg16", "resnet18conv4", "resnet18conv5", "resnet50conv4",
                              "resnet50conv5", "resnet101conv4", "resnet101conv5")
             for a in ("gem", "netvlad")] + [("cct384", "netvlad"), ("cct384", "seqpool"),
-                                            ("vit", "cls"), ("vit", "netvlad")]
+                                            ("vit", "cls"), ("vit", "netvlad")] + [
+    ("dinov2_vitb14", "salad"), ("dinov2_vitb14", "boq"), ("resnet50conv4", "boq")]
 QUICK = [("resnet18conv4", "gem"), ("resnet18conv4", "netvlad"), ("vgg16", "gem"),
-         ("resnet50conv4", "gem")]
+         ("resnet50conv4", "gem"), ("dinov2_vits14", "salad")]
 
 
-def image_size(backbone: str, default: tuple[int, int]) -> tuple[int, int]:
+def image_size(backbone: str, default: tuple[int, int], quick: bool = False) -> tuple[int, int]:
+    """ViT 224, CCT 384; DINOv2 322x322 (SALAD's and BoQ's test size; --quick: 126x126, 81
+    patches, more than SALAD's 64 clusters)."""
+    if backbone.startswith("dinov2_"):
+        return (126, 126) if quick else (322, 322)
     return {"vit": (224, 224), "cct384": (384, 384)}.get(backbone, default)
 
 
@@ -48,7 +54,8 @@ def main() -> None:
             continue
         config = common.get_config().model
         config.backbone, config.aggregation, config.dtype = backbone, aggregation, args.dtype
-        shape = size if args.quick else image_size(backbone, size)
+        config.boq_proj_channels = 512 if backbone.startswith("resnet") else 384  # the BoQ releases'
+        shape = image_size(backbone, size, args.quick)
         if args.quick and backbone in ("vit", "cct384"):
             continue
         profiles.append(profiling.profile_model(config, shape, batch_size=batch, iterations=3))

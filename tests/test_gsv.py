@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from run_checkpoints import last_checkpoint
@@ -97,6 +99,43 @@ def test_learning_rate_warm_up_and_milestones_as_gsv_cities():
     assert state.learning_rate(config, 0.05, steps_per_epoch=20) == 0.05
 
 
+def test_salad_and_boq_schedules_and_adamw_as_torch():
+    """SALAD's LinearLR(1 -> 0.2 over N steps) and BoQ's warm-up in epochs, step by step against
+    torch's schedulers; vgjax's AdamW against torch's AdamW over 3 steps."""
+    import torch
+
+    config = common.get_config().train
+    config.update(lr_decay_steps=7, lr_end_factor=0.2)
+    lr = state.learning_rate(config, 6e-5, steps_per_epoch=5)
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=6e-5)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1, end_factor=0.2, total_iters=7)
+    for step in range(12):
+        np.testing.assert_allclose(float(lr(step)), optimizer.param_groups[0]["lr"], rtol=1e-6)
+        optimizer.step()
+        scheduler.step()
+    config.update(lr_decay_steps=0, warmup_epochs=2, lr_milestones=(2, 3), lr_gamma=0.1)
+    lr = state.learning_rate(config, 1e-4, steps_per_epoch=5)
+    expected = {0: 1e-5, 4: 5e-5, 9: 1e-4, 10: 1e-5, 15: 1e-6}
+    for step, value in expected.items():
+        np.testing.assert_allclose(float(lr(step)), value, rtol=1e-6)
+
+    weights = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    gradients = [np.random.default_rng(k).normal(size=(4, 3)).astype(np.float32) for k in range(1, 4)]
+    torch_weights = torch.tensor(weights, requires_grad=True)
+    torch_adamw = torch.optim.AdamW([torch_weights], lr=1e-2, weight_decay=0.3)
+    config = common.get_config().train
+    config.update(optim="adamw", lr=1e-2, weight_decay=0.3)
+    tx = state.make_optimizer(config, "gem", {"w": weights})
+    params, opt_state = {"w": jnp.asarray(weights)}, None
+    opt_state = tx.init(params)
+    for gradient in gradients:
+        torch_weights.grad = torch.tensor(gradient)
+        torch_adamw.step()
+        updates, opt_state = tx.update({"w": jnp.asarray(gradient)}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params["w"]), torch_weights.detach().numpy(), atol=1e-6)
+
+
 def _launch(workdir, datasets, *options):
     return [sys.executable, "launch.py", "--config=configs/smoke_gsv.py", f"--workdir={workdir}",
             f"--config.data.datasets_folder={datasets}", *options]
@@ -139,3 +178,30 @@ def test_smoke_run_learns_and_a_killed_run_resumes_exactly(tmp_path):
     a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(workdir)
     jax.tree.map(np.testing.assert_array_equal, a["train"], b["train"])
     assert json.loads((workdir / "results.json").read_text())["val_history"] == history
+
+
+# The DINOv2 recipes, shrunk to the synthetic set: ViT-S, 56x56 training and 70x70 evaluation
+# images (4 and 5 patches a side), small aggregations, one epoch; the rest as the recipe says
+# (bfloat16, AdamW, its schedule, the trained blocks).
+_SHRUNK = ("--config.data.datasets_folder={datasets}", "--config.data.synthetic=gsv", "--config.data.dataset_name=gsv_smoke",
+           "--config.data.gsv_cities_folder=gsv_cities", "--config.data.gsv_cities=('Aville','Btown')",
+           "--config.data.resize=(56,56)", "--config.eval.resize=(70,70)", "--config.model.backbone=dinov2_vits14",
+           "--config.model.pretrain=none", "--config.train.train_batch_size=8", "--config.train.epochs_num=1",
+           "--config.data.num_workers=2", "--config.data.infer_batch_size=16", "--config.eval.recall_values=(1,5)")
+_RECIPES = {"configs/gsv_dinov2_salad.py": ("--config.model.salad_clusters=8", "--config.model.salad_cluster_dim=4",
+                                            "--config.model.salad_token_dim=8", "--config.train.lr_decay_steps=3"),
+            "configs/gsv_dinov2_boq.py": ("--config.model.boq_proj_channels=64", "--config.model.boq_queries=4",
+                                          "--config.model.boq_row_dim=4", "--config.train.lr_milestones=(1,)")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(_RECIPES))
+def test_dinov2_recipes_train_end_to_end(recipe, tmp_path):
+    command = [sys.executable, "launch.py", f"--config={recipe}", f"--workdir={tmp_path / 'run'}",
+               *(option.format(datasets=tmp_path / "datasets") for option in _SHRUNK), *_RECIPES[recipe]]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 5 and np.isfinite(results["val_history"][0]["loss"])
+    assert set(results["test"]) == {"R@1", "R@5"} and results["method"] == "gsv_cities"
+    assert "dinov2_vits14 + " in run.stdout and "model.dtype='bfloat16'" in run.stdout

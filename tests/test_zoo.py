@@ -167,7 +167,7 @@ def test_every_available_entry_builds_and_unavailable_ones_say_why():
         if entry.weights == "cosplace":
             assert geoloc_net.descriptor_dim(config) == int(entry.name.rsplit("_", 1)[1])
     unavailable = [entry for entry in entries if entry.unavailable]
-    assert {"cosplace_resnet152_2048", "boq_dinov2"} <= {entry.name for entry in unavailable}
+    assert {"cosplace_resnet152_2048", "megaloc"} <= {entry.name for entry in unavailable}
     with pytest.raises(ValueError, match="cosplace_resnet152_2048 .* cannot be loaded: vgjax has no ResNet152"):
         models.load("cosplace_resnet152_2048")
     with pytest.raises(ValueError, match="did you mean cosplace_resnet50_2048"):

@@ -580,3 +580,69 @@ class SaladVPRModel(tnn.Module):
 
     def forward(self, x):
         return self.aggregator(self.backbone(x))
+
+
+class TorchBoQBlock(tnn.Module):
+    """amaralibey/Bag-of-Queries' BoQBlock (its attention maps not returned)."""
+
+    def __init__(self, in_dim, num_queries, nheads=8):
+        super().__init__()
+        self.encoder = tnn.TransformerEncoderLayer(d_model=in_dim, nhead=nheads, dim_feedforward=4 * in_dim,
+                                                   batch_first=True, dropout=0.)
+        self.queries = tnn.Parameter(torch.randn(1, num_queries, in_dim))
+        self.self_attn = tnn.MultiheadAttention(in_dim, num_heads=nheads, batch_first=True)
+        self.norm_q = tnn.LayerNorm(in_dim)
+        self.cross_attn = tnn.MultiheadAttention(in_dim, num_heads=nheads, batch_first=True)
+        self.norm_out = tnn.LayerNorm(in_dim)
+
+    def forward(self, x):
+        x = self.encoder(x)
+        q = self.queries.repeat(x.size(0), 1, 1)
+        q = self.norm_q(q + self.self_attn(q, q, q)[0])
+        return x, self.norm_out(self.cross_attn(q, x, x)[0])
+
+
+class TorchBoQ(tnn.Module):
+    def __init__(self, in_channels=1024, proj_channels=512, num_queries=32, num_layers=2, row_dim=32):
+        super().__init__()
+        self.proj_c = tnn.Conv2d(in_channels, proj_channels, kernel_size=3, padding=1)
+        self.norm_input = tnn.LayerNorm(proj_channels)
+        self.boqs = tnn.ModuleList([TorchBoQBlock(proj_channels, num_queries, nheads=proj_channels // 64)
+                                    for _ in range(num_layers)])
+        self.fc = tnn.Linear(num_layers * num_queries, row_dim)
+
+    def forward(self, x):
+        x = self.norm_input(self.proj_c(x).flatten(2).permute(0, 2, 1))
+        outs = []
+        for boq in self.boqs:
+            x, out = boq(x)
+            outs.append(out)
+        out = self.fc(torch.cat(outs, dim=1).permute(0, 2, 1)).flatten(1)
+        return F.normalize(out, p=2, dim=-1)
+
+
+class BoQDinoV2(tnn.Module):
+    """BoQ's DINOv2 wrapper: the hub ViT as `dino`, the last block's patch tokens as a map (no final norm)."""
+
+    def __init__(self, dino):
+        super().__init__()
+        self.dino = dino
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        x = self.dino.prepare_tokens_with_masks(x)
+        for blk in self.dino.blocks:
+            x = blk(x)
+        x = x[:, 1:]
+        return x.permute(0, 2, 1).reshape(B, x.shape[-1], H // 14, W // 14)
+
+
+class BoQVPRModel(tnn.Module):
+    """BoQ's hubconf VPRModel (`backbone.*`, `aggregator.*`), the descriptor only."""
+
+    def __init__(self, backbone, aggregator):
+        super().__init__()
+        self.backbone, self.aggregator = backbone, aggregator
+
+    def forward(self, x):
+        return self.aggregator(self.backbone(x))

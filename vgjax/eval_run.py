@@ -74,6 +74,11 @@ def fit_pca(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn) -> ev
         batch_size=config.data.infer_batch_size, seed=config.seed)
 
 
+def eval_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(H, W) validation and test images are resized to: eval.resize, else data.resize."""
+    return tuple(config.eval.resize or config.data.resize)
+
+
 def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn, split: Split,
                    out_dir: Path, *, pca: evaluate.PCA | None = None, title: str = "") -> dict[str, dict]:
     """Tests `embed_fn` on `split` with every test method of eval.test_method.
@@ -94,7 +99,7 @@ def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn
     results, database, methods = {}, None, test_methods(config.eval)
     for method in methods:
         result = evaluate.evaluate(
-            embed_fn, split, test_method=method, resize=tuple(config.data.resize),
+            embed_fn, split, test_method=method, resize=eval_image_size(config),
             recall_values=tuple(config.eval.recall_values), index_kind=config.eval.index,
             index_params=index_lib.parse_params(config.eval.index_params),
             batch_size=config.data.infer_batch_size, majority_weight=config.eval.majority_weight,

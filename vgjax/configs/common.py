@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
         salad_cluster_dim=128,
         salad_token_dim=256,
         salad_dropout=0.3,
+        boq_proj_channels=384,  # BoQ: projected channels d (its DINOv2 release: 384, ResNet-50: 512), queries,
+        boq_queries=64,  # blocks, and the output rows (descriptor: d x rows)
+        boq_layers=2,
+        boq_row_dim=32,
         fc_output_dim=config_dict.placeholder(int),
         pretrain="imagenet",  # imagenet | places365 (resnet18) | none | random (evaluated on purpose) | a weights file
         trunc_te=config_dict.placeholder(int),
@@ -55,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
         frozen_bn=False,  # True: BatchNorm of frozen stages stops updating its statistics
         resume="",  # a whole network to evaluate or to start training from: a weights file or a vgjax workdir
         resume_checkpoint="best",  # of a vgjax workdir: best | last
-        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files) | gsv (MixVPR / Conv-AP / SALAD files)
+        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files) | gsv (MixVPR / Conv-AP / SALAD files) | boq
     ))
 
     config.train = ml_collections.ConfigDict(dict(
@@ -66,11 +70,15 @@ def get_config() -> ml_collections.ConfigDict:
         patience=3,  # epochs without a better best_metric before stopping; 0: never stop early
         lr=1e-5,
         warmup_steps=0,  # >0: lr rises linearly over the first N steps (GSV-Cities, MixVPR)
+        warmup_epochs=0,  # the same in epochs of steps (BoQ), for methods with fixed epochs
+        lr_decay_steps=0,  # >0: lr falls linearly to lr_end_factor x lr over N steps, then stays (torch LinearLR; SALAD)
+        lr_end_factor=0.2,
         lr_milestones=(),  # epochs at which lr is multiplied by lr_gamma (torch MultiStepLR), e.g. (5, 10, 15)
         lr_gamma=0.3,
         lr_crn_layer=5e-3,
         lr_crn_net=5e-4,
-        optim="adam",
+        optim="adam",  # adam | sgd (momentum 0.9, weight decay 1e-3) | adamw (weight_decay)
+        weight_decay=0.01,  # adamw's decoupled weight decay (torch AdamW's default; SALAD uses 9.5e-9)
         best_metric="R@5",  # the validation recall that picks the best checkpoint and drives patience
         log_every_steps=50,  # read the loss back from the device (and log it) every N steps
         checkpoint_every_steps=0,  # also checkpoint inside a round every N steps (0: rounds only)
@@ -134,6 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
         test_method="hard_resize",  # one, several separated by commas, or all
         majority_weight=0.01,
         recall_values=(1, 5, 10, 20),
+        resize=(),  # H, W of validation and test images; empty: data.resize (SALAD trains at 224, tests at 322)
         pca_dim=config_dict.placeholder(int),
         pca_dataset_folder="",  # relative to datasets_folder, e.g. pitts30k/images/train
         index="flat",  # faiss index kind, see vgjax.index.INDEX_KINDS

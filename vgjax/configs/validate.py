@@ -167,6 +167,21 @@ def _image_size(resize) -> list[str]:
     return [f"data.resize={resize!r}: must be two positive integers (height, width), e.g. (480, 640)"]
 
 
+def _eval_resize(config) -> list[str]:
+    """eval.resize: empty, or a size the network takes whose parameters do not depend on it."""
+    resize = tuple(config.eval.resize)
+    if not resize or resize == tuple(config.data.resize):
+        return []
+    if _image_size(resize):
+        return [f"eval.resize={resize!r}: must be empty (data.resize) or two positive integers (height, width)"]
+    entry = registry.backbone(config.model.backbone)
+    if entry.image_sizes or config.model.aggregation == "mixvpr":
+        return [f"eval.resize={resize!r}: {config.model.backbone} + {config.model.aggregation} has parameters made for "
+                f"one input size; evaluate at data.resize={tuple(config.data.resize)!r}"]
+    return [f"eval.resize={resize!r}: {line}" for line in
+            _model_rule(geoloc_net.check_image_size, config.model.backbone, resize)]
+
+
 def _check_model(config) -> list[str]:
     """The network's options; a baseline backbone has none."""
     backbones = (*registry.BACKBONES, *baselines.NAMES)
@@ -181,6 +196,7 @@ def _check_model(config) -> list[str]:
     if not _image_size(config.data.resize):
         problems += [f"data.resize={tuple(config.data.resize)!r}: {line}" for line in
                      _model_rule(geoloc_net.check_image_size, config.model.backbone, tuple(config.data.resize))]
+    problems += _eval_resize(config)
     if config.model.resume and not Path(config.model.resume).exists():
         problems.append(f"model.resume={config.model.resume!r}: no such file or folder")
     return problems
@@ -267,8 +283,9 @@ def _check_mining(config) -> list[str]:
                 *_one_of(config, "train.criterion", tuple(losses.LOSSES)),
                 *_at_least(config, ("mining.queries_per_epoch", "mining.cache_refresh_rate",
                                     "mining.negs_num_per_query", "mining.neg_samples_num"), 1)]
-    if config.train.lr_milestones:
-        problems.append(f"train.lr_milestones={tuple(config.train.lr_milestones)!r}: triplet training's epochs have "
+    if config.train.lr_milestones or config.train.warmup_epochs:
+        key = "lr_milestones" if config.train.lr_milestones else "warmup_epochs"
+        problems.append(f"train.{key}={config.train[key]!r}: triplet training's epochs have "
                         "no fixed number of steps (mining decides them); use train.warmup_steps only")
     rate, batch = config.mining.cache_refresh_rate, config.train.train_batch_size
     if not problems and _number(batch, 1, integer=True) and rate < batch:
@@ -307,7 +324,8 @@ def _check_gsv(config) -> list[str]:
 
 def _check_schedule(config) -> list[str]:
     milestones = tuple(config.train.lr_milestones)
-    problems = [*_at_least(config, ("train.warmup_steps",), 0), *_at_least(config, ("train.lr_gamma",), 0, integer=False)]
+    problems = [*_at_least(config, ("train.warmup_steps", "train.warmup_epochs", "train.lr_decay_steps"), 0),
+                *_at_least(config, ("train.lr_gamma", "train.lr_end_factor", "train.weight_decay"), 0, integer=False)]
     if not all(_number(m, 1, integer=True) for m in milestones) or list(milestones) != sorted(set(milestones)):
         problems.append(f"train.lr_milestones={milestones!r}: increasing epochs >= 1")
     return problems

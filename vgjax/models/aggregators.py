@@ -513,16 +513,168 @@ def _export_salad(params: dict, prefix: str) -> dict:
             prefix + "dust_bin": np.asarray(params["dust_bin"], np.float32)}
 
 
+# ------------------------------------------------------------------------------ BoQ
+
+class TorchMultiheadAttention(nn.Module):
+    """torch's nn.MultiheadAttention (batch_first, biases, no dropout): q, k, v from one input
+    projection `in_proj` [d, 3d] (thirds: q, k, v), `heads` heads of d / heads, softmax in
+    float32, output projection. (query [B, Tq, d], key/value [B, Tk, d]) -> [B, Tq, d]."""
+    width: int
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+        width, head_dim = self.width, self.width // self.heads
+        kernel = self.param("in_proj_kernel", nn.initializers.xavier_uniform(), (width, 3 * width), self.param_dtype)
+        bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * width,), self.param_dtype)
+
+        def project(x: jax.Array, third: int) -> jax.Array:
+            part = slice(third * width, (third + 1) * width)
+            y = jnp.dot(x.astype(self.dtype), kernel[:, part].astype(self.dtype)) + bias[part].astype(self.dtype)
+            return y.reshape(*x.shape[:2], self.heads, head_dim)
+
+        attended = nn.dot_product_attention(project(query, 0), project(key, 1), project(value, 2),
+                                            deterministic=True, dtype=self.dtype, force_fp32_for_softmax=True)
+        return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="out_proj")(attended.reshape(*query.shape[:2], width))
+
+
+def _layer_norm(name: str, param_dtype: Any) -> nn.LayerNorm:
+    """torch's LayerNorm (eps 1e-5, exact variance), computed in float32."""
+    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=_F32, param_dtype=param_dtype, name=name)
+
+
+class BoQBlock(nn.Module):
+    """One Bag-of-Queries block: a post-norm torch TransformerEncoderLayer (ReLU FFN of 4d) over
+    the features, then `queries` learned queries: q + self-attention, LayerNorm, cross-attention
+    to the features, LayerNorm. [B, T, d] -> (features [B, T, d], queries out [B, Q, d])."""
+    queries: int
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        width, kw = x.shape[-1], {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        x = _TorchEncoderLayer(self.heads, name="encoder", **kw)(x)
+        q = self.param("queries", nn.initializers.normal(1.0), (1, self.queries, width), self.param_dtype)
+        q = jnp.broadcast_to(q.astype(_F32), (x.shape[0], self.queries, width))
+        q = q + TorchMultiheadAttention(width, self.heads, name="self_attn", **kw)(q, q, q).astype(_F32)
+        q = _layer_norm("norm_q", self.param_dtype)(q)
+        out = TorchMultiheadAttention(width, self.heads, name="cross_attn", **kw)(q, x, x)
+        return x, _layer_norm("norm_out", self.param_dtype)(out.astype(_F32))
+
+
+class _TorchEncoderLayer(nn.Module):
+    """torch's nn.TransformerEncoderLayer(d, heads, 4d, dropout 0, batch_first), post-norm."""
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width, kw = x.shape[-1], {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        x = x.astype(_F32)
+        x = _layer_norm("norm1", self.param_dtype)(
+            x + TorchMultiheadAttention(width, self.heads, name="self_attn", **kw)(x, x, x).astype(_F32))
+        hidden = nn.relu(nn.Dense(4 * width, name="linear1", **kw)(x))
+        return _layer_norm("norm2", self.param_dtype)(x + nn.Dense(width, name="linear2", **kw)(hidden).astype(_F32))
+
+
+class BoQ(nn.Module):
+    """Bag-of-Queries (Ali-bey et al., CVPR 2024): a 3x3 convolution C -> proj_channels
+    (padding 1), the map flattened to [B, hw, d] and LayerNorm-ed, `layers` BoQ blocks (heads of
+    64) each giving `queries` outputs, all concatenated [B, layers * queries, d], a Linear
+    layers * queries -> row_dim across them, flattened (channel-major) and L2.
+    [B, h, w, C] -> [B, proj_channels * row_dim] with unit norm."""
+    proj_channels: int = 512
+    queries: int = 64
+    layers: int = 2
+    row_dim: int = 32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _require_maps(x, "BoQ")
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        x = nn.Conv(self.proj_channels, (3, 3), padding=((1, 1), (1, 1)), name="proj_c", **kw)(x)
+        x = _layer_norm("norm_input", self.param_dtype)(x.reshape(x.shape[0], -1, self.proj_channels).astype(_F32))
+        outs = []
+        for index in range(self.layers):
+            x, out = BoQBlock(self.queries, self.proj_channels // 64, name=f"boqs_{index}", **kw)(x)
+            outs.append(out)
+        out = jnp.concatenate(outs, axis=1).transpose(0, 2, 1)  # [B, d, layers * queries]
+        out = nn.Dense(self.row_dim, name="fc", **kw)(out)
+        return l2_normalize(out.reshape(out.shape[0], -1)).astype(self.dtype)
+
+
+def _import_torch_mha(reader: StateDictReader, prefix: str, width: int) -> dict:
+    return {"in_proj_kernel": reader.take(prefix + "in_proj_weight", (3 * width, width)).T,
+            "in_proj_bias": reader.take(prefix + "in_proj_bias", (3 * width,)),
+            "out_proj": dense(reader, prefix + "out_proj", width, width)}
+
+
+def _export_torch_mha(params: dict, prefix: str) -> dict:
+    return {prefix + "in_proj_weight": np.asarray(params["in_proj_kernel"], np.float32).T,
+            prefix + "in_proj_bias": np.asarray(params["in_proj_bias"], np.float32),
+            **torch_dense(params["out_proj"], prefix + "out_proj")}
+
+
+def _import_boq(reader: StateDictReader, prefix: str, channels: int, module: BoQ) -> dict:
+    width = module.proj_channels
+    params = {"proj_c": conv(reader, prefix + "proj_c", width, channels, 3),
+              "norm_input": layer_norm(reader, prefix + "norm_input", width),
+              "fc": dense(reader, prefix + "fc", module.layers * module.queries, module.row_dim)}
+    for index in range(module.layers):
+        block = f"{prefix}boqs.{index}."
+        params[f"boqs_{index}"] = {
+            "encoder": {"self_attn": _import_torch_mha(reader, block + "encoder.self_attn.", width),
+                        "linear1": dense(reader, block + "encoder.linear1", width, 4 * width),
+                        "linear2": dense(reader, block + "encoder.linear2", 4 * width, width),
+                        "norm1": layer_norm(reader, block + "encoder.norm1", width),
+                        "norm2": layer_norm(reader, block + "encoder.norm2", width)},
+            "queries": reader.take(block + "queries", (1, module.queries, width)),
+            "self_attn": _import_torch_mha(reader, block + "self_attn.", width),
+            "norm_q": layer_norm(reader, block + "norm_q", width),
+            "cross_attn": _import_torch_mha(reader, block + "cross_attn.", width),
+            "norm_out": layer_norm(reader, block + "norm_out", width)}
+    return params
+
+
+def _export_boq(params: dict, prefix: str) -> dict:
+    state = {**torch_conv(params["proj_c"], prefix + "proj_c"), **torch_layer_norm(params["norm_input"], prefix + "norm_input"),
+             **torch_dense(params["fc"], prefix + "fc")}
+    for index in range(sum(name.startswith("boqs_") for name in params)):
+        block, name = params[f"boqs_{index}"], f"{prefix}boqs.{index}."
+        encoder = block["encoder"]
+        state.update({**_export_torch_mha(encoder["self_attn"], name + "encoder.self_attn."),
+                      **torch_dense(encoder["linear1"], name + "encoder.linear1"),
+                      **torch_dense(encoder["linear2"], name + "encoder.linear2"),
+                      **torch_layer_norm(encoder["norm1"], name + "encoder.norm1"),
+                      **torch_layer_norm(encoder["norm2"], name + "encoder.norm2"),
+                      name + "queries": np.asarray(block["queries"], np.float32),
+                      **_export_torch_mha(block["self_attn"], name + "self_attn."),
+                      **torch_layer_norm(block["norm_q"], name + "norm_q"),
+                      **_export_torch_mha(block["cross_attn"], name + "cross_attn."),
+                      **torch_layer_norm(block["norm_out"], name + "norm_out")})
+    return state
+
+
 # ------------------------------------------------------------------------------ registry, import
 
 AGGREGATIONS = {"gem": GeM, "spoc": SPoC, "mac": MAC, "rmac": RMAC, "rrm": RRM,
-                "netvlad": NetVLAD, "crn": CRN, "convap": ConvAP, "mixvpr": MixVPR, "salad": SALAD}
+                "netvlad": NetVLAD, "crn": CRN, "convap": ConvAP, "mixvpr": MixVPR, "salad": SALAD, "boq": BoQ}
 # The model config keys of each GSV-Cities-style aggregation, by module field.
 OPTION_KEYS = {"convap": {"out_channels": "convap_out_channels", "pool": "convap_pool"},
                "mixvpr": {"out_channels": "mixvpr_out_channels", "out_rows": "mixvpr_out_rows",
                           "mix_depth": "mixvpr_mix_depth", "mlp_ratio": "mixvpr_mlp_ratio"},
                "salad": {"clusters": "salad_clusters", "cluster_dim": "salad_cluster_dim",
-                         "token_dim": "salad_token_dim", "dropout": "salad_dropout"}}
+                         "token_dim": "salad_token_dim", "dropout": "salad_dropout"},
+               "boq": {"proj_channels": "boq_proj_channels", "queries": "boq_queries", "layers": "boq_layers",
+                       "row_dim": "boq_row_dim"}}
 
 
 def _check_name(aggregation: str) -> str:
@@ -562,6 +714,9 @@ def output_dim(aggregation: str, channels: int, clusters: int = 64, model_config
     if aggregation == "salad":
         module = create(aggregation, model_config=model_config)
         return module.token_dim + module.clusters * module.cluster_dim
+    if aggregation == "boq":
+        module = create(aggregation, model_config=model_config)
+        return module.proj_channels * module.row_dim
     if aggregation in OPTION_KEYS:
         module = create(aggregation, model_config=model_config)
         return module.out_channels * (module.out_rows if aggregation == "mixvpr" else math.prod(module.pool))
@@ -577,11 +732,13 @@ def import_torch(reader: StateDictReader, prefix: str, aggregation: str, channel
     `{ln1,fc1,fc2,ln2}.{weight,bias}`; convap `channel_pool.{weight,bias}` and mixvpr
     `mix.<k>.mix.{0,1,3}`, `channel_proj`, `row_proj` in the GSV-Cities/MixVPR layouts, salad
     `{cluster_features,score}.{0,3}` (1x1 Conv2d), `token_features.{0,2}` and `dust_bin` in
-    serizba/salad's (options from `model_config`). spoc, mac and rmac have no tensors."""
+    serizba/salad's, boq `proj_c`, `norm_input`, `boqs.<i>.*` and `fc` in amaralibey/Bag-of-Queries'
+    (options from `model_config`). spoc, mac and rmac have no tensors."""
     _check_name(aggregation)
     if aggregation in OPTION_KEYS:
         module = create(aggregation, model_config=model_config)
-        importer = {"convap": _import_convap, "mixvpr": _import_mixvpr, "salad": _import_salad}[aggregation]
+        importer = {"convap": _import_convap, "mixvpr": _import_mixvpr, "salad": _import_salad,
+                    "boq": _import_boq}[aggregation]
         return {"params": importer(reader, prefix, channels, module)}
     if aggregation == "gem":
         return {"params": {"p": reader.take(prefix + "p", (1,))}}
@@ -626,6 +783,8 @@ def export_torch(variables: dict, prefix: str, aggregation: str, tokens: bool = 
     params = variables.get("params", {})
     if _check_name(aggregation) == "salad":
         return _export_salad(params, prefix)
+    if aggregation == "boq":
+        return _export_boq(params, prefix)
     if aggregation in OPTION_KEYS:
         return _export_gsv(params, prefix, aggregation)
     if aggregation == "gem":

@@ -47,19 +47,16 @@ def benchmark_state_dict(model_config: ml_collections.ConfigDict, variables: Map
                          image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """The benchmark's state dict (key -> numpy array, float32 except num_batches_tracked int64)
     of `variables` ({"params", "batch_stats"}) of `geoloc_net.build(model_config, image_size)`.
-    DINOv2 networks, which the benchmark lacks, are written in SALAD's layout (`backbone.model.`
-    + dinov2's names, `aggregator.`), which serizba/salad's VPRModel and resume_format=gsv load."""
+    Networks the benchmark lacks are written as their authors' code holds them: BoQ networks in
+    BoQ's layout, other DINOv2 networks in SALAD's (`_gsv_family_state_dict`), which their
+    torch models and resume_format=boq / gsv load."""
     entry = registry.backbone(model_config.backbone)
     params = variables["params"]
     backbone = {"params": params["backbone"],
                 "batch_stats": variables.get("batch_stats", {}).get("backbone", {})}
     fields = entry.module_fields(model_config, image_size)
-    if model_config.backbone.startswith("dinov2_"):  # the benchmark has no DINOv2: SALAD's layout
-        state = entry.family.export_torch(backbone, "backbone.model.", **fields)
-        if model_config.aggregation not in registry.TOKEN_OUTPUTS:
-            state.update(aggregators.export_torch({"params": params.get("aggregation", {})}, "aggregator.",
-                                                  model_config.aggregation))
-        return state
+    if model_config.aggregation == "boq" or model_config.backbone.startswith("dinov2_"):
+        return _gsv_family_state_dict(model_config, entry, backbone, params, fields)
     if entry.tokens:
         state = entry.family.export_torch(backbone, pretrained.TOKEN_BACKBONE_PREFIXES[entry.name], **fields)
     else:
@@ -71,6 +68,22 @@ def benchmark_state_dict(model_config: ml_collections.ConfigDict, variables: Map
                                               model_config.aggregation, tokens=entry.tokens))
     if fc_prefix is not None:
         state.update(torch_dense(params["fc"], fc_prefix.rstrip(".")))
+    return state
+
+
+def _gsv_family_state_dict(model_config, entry, backbone: dict, params: Mapping, fields: dict) -> dict:
+    """Networks the benchmark lacks, in their authors' layouts: BoQ's (DINOv2 at
+    `backbone.dino.`, a ResNet at `backbone.net.<child index>.`) or SALAD's (DINOv2 at
+    `backbone.model.`), the aggregation at `aggregator.`."""
+    if model_config.aggregation == "boq" and not model_config.backbone.startswith("dinov2_"):
+        state = {_benchmark_cnn_key(key, entry.name).replace("backbone.", "backbone.net.", 1): value
+                 for key, value in entry.family.export_torch(backbone, "", **fields).items()}
+    else:
+        prefix = "backbone.dino." if model_config.aggregation == "boq" else "backbone.model."
+        state = entry.family.export_torch(backbone, prefix, **fields)
+    if model_config.aggregation not in registry.TOKEN_OUTPUTS:
+        state.update(aggregators.export_torch({"params": params.get("aggregation", {})}, "aggregator.",
+                                              model_config.aggregation))
     return state
 
 

@@ -235,6 +235,30 @@ def load_gsv_checkpoint(path: str | os.PathLike, model_config: ml_collections.Co
     return _variables(**parts)
 
 
+def load_boq_checkpoint(path: str | os.PathLike, model_config: ml_collections.ConfigDict,
+                        image_size: tuple[int, int] = (322, 322)) -> dict:
+    """All variables from a released Bag-of-Queries file: DINOv2 at `backbone.dino.` (dinov2's
+    names; its final norm is in the file, BoQ does not use it) or the ResNet cut at layer3 at
+    `backbone.net.<index>` (the children of torchvision's ResNet, as the benchmark numbers
+    them), and BoQ at `aggregator.`."""
+    backbone = model_config.backbone
+    if model_config.aggregation != "boq" or not (backbone.startswith("dinov2_") or backbone.endswith("conv4")):
+        raise ValueError("a BoQ file holds a DINOv2 or a ResNet cut at conv4 with aggregation boq; got "
+                         f"{backbone} + {model_config.aggregation}")
+    state = read_state_dict(path)
+    if backbone.startswith("dinov2_"):
+        prefix = "backbone.dino."
+    else:  # backbone.net.<child>. -> backbone.<child>. -> torchvision names
+        prefix, state = "", _rename_benchmark_backbone(
+            {key.replace("backbone.net.", "backbone.", 1): value for key, value in state.items()}, backbone)
+    reader = StateDictReader(state, str(path))
+    channels = registry.backbone(backbone).channels
+    parts = {"backbone": _import_backbone(reader, prefix, model_config, image_size),
+             "aggregation": aggregators.import_torch(reader, "aggregator.", "boq", channels, model_config=model_config)}
+    reader.finish()
+    return _variables(**parts)
+
+
 PRETRAIN_NAMES = ("imagenet", "places365", "dinov2", "none", "random")  # or a local weights file
 RANDOM_INIT = ("none", "random", "")  # random: asked for on purpose (vgjax.configs.validate)
 
@@ -287,7 +311,7 @@ def load_pretrained_backbone(model_config, image_size) -> dict | None:
     return loader(path, model_config, image_size)
 
 
-RESUME_FORMATS = ("benchmark", "cosplace", "gsv")  # gsv: the released MixVPR / Conv-AP / SALAD files
+RESUME_FORMATS = ("benchmark", "cosplace", "gsv", "boq")  # gsv: the released MixVPR / Conv-AP / SALAD files
 
 
 def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[int, int],
@@ -310,8 +334,9 @@ def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[in
                              f"choose one of {RESUME_FORMATS}")
         if model_config.resume_format == "cosplace":
             return model, merge_variables(variables, load_cosplace_checkpoint(model_config.resume, model_config, image_size))
-        if model_config.resume_format == "gsv":
-            return model, merge_variables(variables, load_gsv_checkpoint(model_config.resume, model_config, image_size))
+        if model_config.resume_format in ("gsv", "boq"):
+            loader = load_gsv_checkpoint if model_config.resume_format == "gsv" else load_boq_checkpoint
+            return model, merge_variables(variables, loader(model_config.resume, model_config, image_size))
         return model, merge_variables(variables, _load_whole_network(model_config, image_size))
     backbone = load_pretrained_backbone(model_config, image_size)
     if backbone is None:

@@ -30,8 +30,8 @@ POOLINGS = ("gem", "spoc", "mac", "rmac")
 TOKEN_OUTPUTS = ("cls", "seqpool")
 GSV_AGGREGATIONS = ("convap", "mixvpr")  # the GSV-Cities family's, after CNNs only
 DINOV2_AGGREGATIONS = ("salad",)  # take DINOv2's patch map and CLS token
-AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS + DINOV2_AGGREGATIONS + TOKEN_OUTPUTS
-_CNN_AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS
+AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS + DINOV2_AGGREGATIONS + ("boq",) + TOKEN_OUTPUTS
+_CNN_AGGREGATIONS = POOLINGS + ("netvlad", "crn", "rrm") + GSV_AGGREGATIONS + ("boq",)
 
 # Module fields that come from the model config (and the input size), by field name.
 _CONFIG_FIELDS: dict[str, Callable[[ml_collections.ConfigDict, tuple[int, int]], Any]] = {
@@ -42,6 +42,7 @@ _CONFIG_FIELDS: dict[str, Callable[[ml_collections.ConfigDict, tuple[int, int]],
     "image_size": lambda config, size: int(size[0]),
     "returns": lambda config, size: ("map_and_cls" if config.aggregation == "salad" else
                                      "cls" if config.aggregation == "cls" else "map"),
+    "final_norm": lambda config, size: config.aggregation != "boq",  # BoQ reads DINOv2's last block
 }
 
 
@@ -92,10 +93,12 @@ def _resnet(depth: int, last_stage: int) -> Backbone:
 
 
 def _dinov2(size: str, registers: bool) -> Backbone:
-    """dinov2_<size> and dinov2_<size>_reg: patch maps [B, h, w, C] (and the CLS token for salad)."""
+    """dinov2_<size> and dinov2_<size>_reg: patch maps [B, h, w, C] (and the CLS token for salad;
+    without the final norm for boq)."""
     return Backbone(f"dinov2_{size}{'_reg' if registers else ''}", dinov2.DINOv2,
-                    {"size": size, "registers": registers}, ("returns",), dinov2.ARCHS[size].width, False, dinov2,
-                    ("salad", "gem", "netvlad", "cls"), min_size=dinov2.PATCH, size_multiple=dinov2.PATCH,
+                    {"size": size, "registers": registers}, ("returns", "final_norm"), dinov2.ARCHS[size].width,
+                    False, dinov2, ("salad", "boq", "gem", "netvlad", "cls"), min_size=dinov2.PATCH,
+                    size_multiple=dinov2.PATCH,
                     mask_options=("unfreeze_n_blocks",))
 
 

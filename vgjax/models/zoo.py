@@ -2,7 +2,7 @@
 
 `load(source)` takes
 - a zoo name (`available()` lists them): the public checkpoints VPR users evaluate (CosPlace,
-  EigenPlaces, the benchmark's model zoo, MixVPR, SALAD) and ImageNet/Places365/DINOv2
+  EigenPlaces, the benchmark's model zoo, MixVPR, SALAD, BoQ) and ImageNet/Places365/DINOv2
   backbones with GeM.
   The file is downloaded once into the weights cache (`weights_cache`), checked against its
   sha256, and read from the cache (or a copy put there by hand) when offline;
@@ -36,7 +36,7 @@ from vgjax.models import export, places365, pretrained, registry, weights_cache
 from vgjax.models.export import LoadedModel
 
 DEFAULT_IMAGE_SIZE = (480, 640)  # the benchmark's: CNNs take any size, this is what they are tested at
-WEIGHT_LAYOUTS = ("cosplace", "benchmark", "gsv", "backbone", "places365")
+WEIGHT_LAYOUTS = ("cosplace", "benchmark", "gsv", "boq", "backbone", "places365")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +48,9 @@ class ZooEntry:
       description: one line for listings: what it is, what it was trained on.
       model: the model config keys that differ from the defaults (backbone, aggregation, ...).
       weights: how the file is read: "cosplace" (CosPlace/EigenPlaces torch.hub layout),
-        "benchmark" (the benchmark's zoo), "gsv" (MixVPR / Conv-AP releases), "backbone"
-        (torchvision ImageNet weights; the aggregation keeps its initial values, GeM's p = 3),
+        "benchmark" (the benchmark's zoo), "gsv" (MixVPR / Conv-AP / SALAD releases), "boq"
+        (Bag-of-Queries releases), "backbone" (torchvision ImageNet or DINOv2 weights; the
+        aggregation keeps its initial values, GeM's p = 3),
         "places365" (vgjax.models.places365).
       image_size: (H, W) it is evaluated at by default.
       url: where the weights file is (http(s):// or file://); "" for places365.
@@ -211,18 +212,25 @@ def _mixvpr_entries() -> list[ZooEntry]:
 
 
 SALAD_URL = "https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt"
+BOQ_URL = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/{name}.pth"
 
 
 def _dinov2_entries() -> list[ZooEntry]:
-    """SALAD (CVPR 2024; its torch.hub file, evaluated at 322x322) and each DINOv2 backbone with
-    GeM on its LVD-142M weights (no VPR training)."""
+    """SALAD and BoQ (CVPR 2024; their torch.hub files, at the sizes their READMEs evaluate at)
+    and each DINOv2 backbone with GeM on its LVD-142M weights (no VPR training)."""
     salad = ZooEntry("salad_dinov2", "DINOv2 ViT-B/14 + SALAD, 8448-D, trained on GSV-Cities",
                      {"backbone": "dinov2_vitb14", "aggregation": "salad"}, "gsv", (322, 322), url=SALAD_URL)
+    boq = [ZooEntry("boq_dinov2", "DINOv2 ViT-B/14 + BoQ, 12288-D, trained on GSV-Cities",
+                    {"backbone": "dinov2_vitb14", "aggregation": "boq", "boq_proj_channels": 384}, "boq", (322, 322),
+                    url=BOQ_URL.format(name="dinov2_12288")),
+           ZooEntry("boq_resnet50", "ResNet-50 (cut at conv4) + BoQ, 16384-D, trained on GSV-Cities",
+                    {"backbone": "resnet50conv4", "aggregation": "boq", "boq_proj_channels": 512}, "boq", (384, 384),
+                    url=BOQ_URL.format(name="resnet50_16384"))]
     backbones = [ZooEntry(f"{name}_gem", f"DINOv2 {name.removeprefix('dinov2_')} + GeM with DINOv2's LVD-142M "
                           "weights (no VPR training)", {"backbone": name, "aggregation": "gem"}, "backbone",
                           (322, 322), url=pretrained.dinov2_url(name))
                  for name in registry.BACKBONES if name.startswith("dinov2_")]
-    return [salad, *backbones]
+    return [salad, *boq, *backbones]
 
 
 def _backbone_entries() -> list[ZooEntry]:
@@ -247,7 +255,6 @@ def _unavailable_entries() -> list[ZooEntry]:
                    "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL): download resnet50_ConvAP_<C>_2x2.ckpt and load it with "
                    "model={'backbone': 'resnet50conv5', 'aggregation': 'convap', 'convap_out_channels': C, "
                    "'resume_format': 'gsv'}") for dim in (512, 2048, 4096, 8192)),
-        ZooEntry("boq_dinov2", "DINOv2 ViT-B/14 + BoQ, 12288-D", {}, "benchmark", unavailable=f"{later}: DINOv2 and BoQ"),
         ZooEntry("megaloc", "MegaLoc (DINOv2 + SALAD variant), 8448-D", {}, "benchmark",
                  unavailable=f"{later}: DINOv2 and MegaLoc's aggregator"),
     ]

@@ -207,7 +207,7 @@ class Run:
         """Recalls on `split` with the current params: hard_resize, flat index, no PCA (as the
         benchmark validates)."""
         config = self.config
-        return evaluate.evaluate(self.embed_fn, split, resize=self.image_size,
+        return evaluate.evaluate(self.embed_fn, split, resize=eval_run.eval_image_size(config),
                                  recall_values=tuple(config.eval.recall_values),
                                  batch_size=config.data.infer_batch_size,
                                  majority_weight=config.eval.majority_weight,

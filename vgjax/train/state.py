@@ -26,7 +26,7 @@ from flax import traverse_util
 
 from vgjax.models import geoloc_net
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "adamw")
 SGD_MOMENTUM = 0.9
 SGD_WEIGHT_DECAY = 1e-3
 
@@ -77,25 +77,33 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
 
 def learning_rate(train_config: ml_collections.ConfigDict, base: float, steps_per_epoch: int) -> optax.ScalarOrSchedule:
     """`base`, or with train.warmup_steps / train.lr_milestones the schedule of GSV-Cities and
-    MixVPR: lr(step) = base * min(1, (step + 1) / warmup_steps) * lr_gamma^(milestones <= epoch),
+    MixVPR: lr(step) = base * min(1, (step + 1) / warmup) * lr_gamma^(milestones <= epoch),
+    warmup = train.warmup_steps, or train.warmup_epochs * steps_per_epoch (BoQ),
     epoch = step // steps_per_epoch (torch's MultiStepLR stepped every epoch, and the linear
-    warm-up they apply on top of it)."""
-    warmup, milestones, gamma = train_config.warmup_steps, tuple(train_config.lr_milestones), train_config.lr_gamma
-    if not warmup and not milestones:
+    warm-up they apply on top of it); with train.lr_decay_steps = N also times torch's LinearLR
+    factor 1 + (lr_end_factor - 1) * min(step, N) / N (SALAD's schedule)."""
+    warmup = train_config.warmup_steps or train_config.warmup_epochs * steps_per_epoch
+    milestones, gamma = tuple(train_config.lr_milestones), train_config.lr_gamma
+    decay, end = train_config.lr_decay_steps, train_config.lr_end_factor
+    if not warmup and not milestones and not decay:
         return base
 
     def schedule(step):
         step = jnp.asarray(step)
         scale = jnp.minimum(1.0, (step + 1) / warmup) if warmup else 1.0
         passed = jnp.sum(jnp.asarray(milestones or (np.inf,)) <= step // max(steps_per_epoch, 1))
-        return base * scale * gamma ** passed
+        linear = 1.0 + (end - 1.0) * jnp.minimum(step, decay) / decay if decay else 1.0
+        return base * scale * gamma ** passed * linear
     return schedule
 
 
-def base_optimizer(name: str, lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    """torch's Adam (default betas, no weight decay) or SGD(momentum 0.9, weight decay 1e-3)."""
+def base_optimizer(name: str, lr: optax.ScalarOrSchedule, weight_decay: float = 0.01) -> optax.GradientTransformation:
+    """torch's Adam (default betas, no weight decay), SGD(momentum 0.9, weight decay 1e-3) or
+    AdamW(default betas, decoupled `weight_decay`)."""
     if name == "adam":
         return optax.adam(lr)
+    if name == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
     if name == "sgd":
         return optax.chain(optax.add_decayed_weights(SGD_WEIGHT_DECAY),
                            optax.sgd(lr, momentum=SGD_MOMENTUM))
@@ -108,7 +116,8 @@ def make_optimizer(train_config: ml_collections.ConfigDict, aggregation: str,
     lr_crn_layer and everything else at lr_crn_net (reference §2.5); otherwise all at lr; each
     on the schedule of `learning_rate`."""
     def optimizer(base: float) -> optax.GradientTransformation:
-        return base_optimizer(train_config.optim, learning_rate(train_config, base, steps_per_epoch))
+        return base_optimizer(train_config.optim, learning_rate(train_config, base, steps_per_epoch),
+                              train_config.weight_decay)
 
     if aggregation != "crn":
         return optimizer(train_config.lr)
