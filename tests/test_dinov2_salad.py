@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch_helpers import nhwc, state_dict_numpy
-from torch_reference import (DinoSwiGLU, DinoVisionTransformer, SaladDINOv2, SaladVPRModel, TorchSALAD,
-                             get_matching_probs, torch_gem)
+from torch_reference import (DinoSwiGLU, DinoVisionTransformer, MegaLocNet, SaladDINOv2, SaladVPRModel,
+                             TorchSALAD, get_matching_probs, torch_gem)
 
 from vgjax import models
 from vgjax.configs import common
@@ -241,3 +241,21 @@ def test_a_dinov2_hub_file_is_a_backbone_with_gem(tmp_path, monkeypatch):
     assert pretrained.dinov2_url("dinov2_vitg14") == (
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth")
     assert zoo.default_image_size("dinov2_vitb14") == (476, 630)
+
+
+def test_megaloc_loads_by_name_from_its_safetensors_and_exports_back(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    torch.manual_seed(7)
+    torch_model = _randomize(MegaLocNet(**VITS, clusters=64, cluster_dim=8, out_dim=48), 7)
+    source = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, source)
+    _serve(monkeypatch, tmp_path, "megaloc", source, model={"backbone": "dinov2_vits14", "aggregation": "salad",
+                                                            "salad_cluster_dim": 8, "fc_output_dim": 48})
+    images, x = _uint8_images((224, 224), seed=2)
+    loaded = models.load("megaloc", image_size=(224, 224))
+    with torch.no_grad():
+        expected = torch_model(x).numpy()
+    np.testing.assert_allclose(loaded.embed_fn(images), expected, atol=TOL)
+    state = export.benchmark_state_dict(zoo.model_config(zoo.ENTRIES["megaloc"].model), loaded.variables, (224, 224))
+    assert state.keys() == torch_model.state_dict().keys()

@@ -167,7 +167,7 @@ def test_every_available_entry_builds_and_unavailable_ones_say_why():
         if entry.weights == "cosplace":
             assert geoloc_net.descriptor_dim(config) == int(entry.name.rsplit("_", 1)[1])
     unavailable = [entry for entry in entries if entry.unavailable]
-    assert {"cosplace_resnet152_2048", "megaloc"} <= {entry.name for entry in unavailable}
+    assert {"cosplace_resnet152_2048", "netvlad_matlab_vgg16_pitts30k"} <= {entry.name for entry in unavailable}
     with pytest.raises(ValueError, match="cosplace_resnet152_2048 .* cannot be loaded: vgjax has no ResNet152"):
         models.load("cosplace_resnet152_2048")
     with pytest.raises(ValueError, match="did you mean cosplace_resnet50_2048"):
@@ -182,3 +182,16 @@ def test_build_fills_a_partial_model_config():
     assert registry.backbone("resnet18conv4").image_sizes == ()
     with pytest.raises(ValueError, match=r"unknown model keys \['backbon'\]"):
         models.build({"backbon": "resnet18conv4"})
+
+
+def test_an_eigenplaces_release_loads_by_name_in_cosplaces_layout(tmp_path, monkeypatch):
+    """EigenPlaces publishes CosPlace's torch.hub layout: its entries read it the same way."""
+    monkeypatch.setenv("VGJAX_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "ResNet18_256_eigenplaces.pth"
+    network = _cosplace_file(source, dim=256)
+    entry = zoo.ENTRIES["eigenplaces_resnet18_256"]
+    assert entry.weights == "cosplace" and entry.url == zoo.EIGENPLACES_URL.format(backbone="ResNet18", dim=256)
+    monkeypatch.setitem(zoo.ENTRIES, entry.name, dataclasses.replace(entry, url=source.as_uri(), sha256=None))
+    loaded = models.load(entry.name, image_size=SIZE)
+    images = _uint8_images(4)
+    np.testing.assert_allclose(loaded.embed_fn(images), _torch_descriptors(network, images), atol=1e-4)

@@ -646,3 +646,22 @@ class BoQVPRModel(tnn.Module):
 
     def forward(self, x):
         return self.aggregator(self.backbone(x))
+
+
+class MegaLocNet(tnn.Module):
+    """gmberton/MegaLoc's network: its DINOv2 (dinov2's ViT without a mask token) as `backbone`,
+    SALAD as `aggregator.agg` and a Linear as `aggregator.linear`, then L2."""
+
+    def __init__(self, dim, depth, heads, clusters=64, cluster_dim=256, out_dim=8448):
+        super().__init__()
+        self.backbone = DinoVisionTransformer(dim, depth, heads)
+        self.backbone.mask_token = None
+        self.aggregator = tnn.Module()
+        self.aggregator.agg = TorchSALAD(dim, clusters, cluster_dim, 256)
+        self.aggregator.linear = tnn.Linear(256 + clusters * cluster_dim, out_dim)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        features = self.backbone.forward_features(x)
+        maps = features["x_norm_patchtokens"].reshape(B, H // 14, W // 14, -1).permute(0, 3, 1, 2)
+        return F.normalize(self.aggregator.linear(self.aggregator.agg((maps, features["x_norm_clstoken"]))), dim=-1)

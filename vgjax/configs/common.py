@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
         frozen_bn=False,  # True: BatchNorm of frozen stages stops updating its statistics
         resume="",  # a whole network to evaluate or to start training from: a weights file or a vgjax workdir
         resume_checkpoint="best",  # of a vgjax workdir: best | last
-        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files) | gsv (MixVPR / Conv-AP / SALAD files) | boq
+        resume_format="benchmark",  # benchmark (zoo / train.py files) | cosplace (torch.hub files) | gsv (MixVPR / Conv-AP / SALAD files) | boq | megaloc
     ))
 
     config.train = ml_collections.ConfigDict(dict(

@@ -72,9 +72,16 @@ def benchmark_state_dict(model_config: ml_collections.ConfigDict, variables: Map
 
 
 def _gsv_family_state_dict(model_config, entry, backbone: dict, params: Mapping, fields: dict) -> dict:
-    """Networks the benchmark lacks, in their authors' layouts: BoQ's (DINOv2 at
-    `backbone.dino.`, a ResNet at `backbone.net.<child index>.`) or SALAD's (DINOv2 at
-    `backbone.model.`), the aggregation at `aggregator.`."""
+    """Networks the benchmark lacks, in their authors' layouts: DINOv2 with an FC in MegaLoc's
+    (`backbone.`, `aggregator.agg.`, `aggregator.linear`), BoQ's (DINOv2 at `backbone.dino.`, a
+    ResNet at `backbone.net.<child index>.`) or SALAD's (DINOv2 at `backbone.model.`), the
+    aggregation at `aggregator.`."""
+    if model_config.fc_output_dim and model_config.backbone.startswith("dinov2_"):  # MegaLoc's layout
+        state = {key: value for key, value in entry.family.export_torch(backbone, "backbone.", **fields).items()
+                 if key != "backbone.mask_token"}
+        state.update(aggregators.export_torch({"params": params.get("aggregation", {})}, "aggregator.agg.",
+                                              model_config.aggregation))
+        return {**state, **torch_dense(params["fc"], "aggregator.linear")}
     if model_config.aggregation == "boq" and not model_config.backbone.startswith("dinov2_"):
         state = {_benchmark_cnn_key(key, entry.name).replace("backbone.", "backbone.net.", 1): value
                  for key, value in entry.family.export_torch(backbone, "", **fields).items()}

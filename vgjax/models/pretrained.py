@@ -259,6 +259,25 @@ def load_boq_checkpoint(path: str | os.PathLike, model_config: ml_collections.Co
     return _variables(**parts)
 
 
+def load_megaloc_checkpoint(path: str | os.PathLike, model_config: ml_collections.ConfigDict,
+                            image_size: tuple[int, int] = (322, 322)) -> dict:
+    """All variables from MegaLoc's file (gmberton/MegaLoc, model.safetensors): DINOv2 at
+    `backbone.` (dinov2's names, no mask token), SALAD at `aggregator.agg.` and its final Linear
+    at `aggregator.linear`, which is vgjax's FC (fc_output_dim) before the last L2."""
+    if not (model_config.backbone.startswith("dinov2_") and model_config.aggregation == "salad"
+            and model_config.fc_output_dim):
+        raise ValueError("a MegaLoc file holds a DINOv2 with aggregation salad and an fc_output_dim; got "
+                         f"{model_config.backbone} + {model_config.aggregation}, fc_output_dim={model_config.fc_output_dim}")
+    reader = StateDictReader(read_state_dict(path), str(path))
+    channels = registry.backbone(model_config.backbone).channels
+    parts = {"backbone": _import_backbone(reader, "backbone.", model_config, image_size),
+             "aggregation": aggregators.import_torch(reader, "aggregator.agg.", "salad", channels,
+                                                     model_config=model_config),
+             "fc": _import_fc(reader, "aggregator.linear.", _fc_in_dim(model_config), model_config.fc_output_dim)}
+    reader.finish()
+    return _variables(**parts)
+
+
 PRETRAIN_NAMES = ("imagenet", "places365", "dinov2", "none", "random")  # or a local weights file
 RANDOM_INIT = ("none", "random", "")  # random: asked for on purpose (vgjax.configs.validate)
 
@@ -311,7 +330,11 @@ def load_pretrained_backbone(model_config, image_size) -> dict | None:
     return loader(path, model_config, image_size)
 
 
-RESUME_FORMATS = ("benchmark", "cosplace", "gsv", "boq")  # gsv: the released MixVPR / Conv-AP / SALAD files
+RESUME_FORMATS = ("benchmark", "cosplace", "gsv", "boq", "megaloc")  # gsv: the released MixVPR / Conv-AP / SALAD files
+
+
+# The release layouts of the GSV-Cities family (and MegaLoc): resume_format -> loader.
+_WHOLE_NETWORK_LOADERS = {"gsv": load_gsv_checkpoint, "boq": load_boq_checkpoint, "megaloc": load_megaloc_checkpoint}
 
 
 def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[int, int],
@@ -334,8 +357,8 @@ def build_and_load(model_config: ml_collections.ConfigDict, image_size: tuple[in
                              f"choose one of {RESUME_FORMATS}")
         if model_config.resume_format == "cosplace":
             return model, merge_variables(variables, load_cosplace_checkpoint(model_config.resume, model_config, image_size))
-        if model_config.resume_format in ("gsv", "boq"):
-            loader = load_gsv_checkpoint if model_config.resume_format == "gsv" else load_boq_checkpoint
+        if model_config.resume_format in _WHOLE_NETWORK_LOADERS:
+            loader = _WHOLE_NETWORK_LOADERS[model_config.resume_format]
             return model, merge_variables(variables, loader(model_config.resume, model_config, image_size))
         return model, merge_variables(variables, _load_whole_network(model_config, image_size))
     backbone = load_pretrained_backbone(model_config, image_size)

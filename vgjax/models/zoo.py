@@ -36,7 +36,7 @@ from vgjax.models import export, places365, pretrained, registry, weights_cache
 from vgjax.models.export import LoadedModel
 
 DEFAULT_IMAGE_SIZE = (480, 640)  # the benchmark's: CNNs take any size, this is what they are tested at
-WEIGHT_LAYOUTS = ("cosplace", "benchmark", "gsv", "boq", "backbone", "places365")
+WEIGHT_LAYOUTS = ("cosplace", "benchmark", "gsv", "boq", "megaloc", "backbone", "places365")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ZooEntry:
       model: the model config keys that differ from the defaults (backbone, aggregation, ...).
       weights: how the file is read: "cosplace" (CosPlace/EigenPlaces torch.hub layout),
         "benchmark" (the benchmark's zoo), "gsv" (MixVPR / Conv-AP / SALAD releases), "boq"
-        (Bag-of-Queries releases), "backbone" (torchvision ImageNet or DINOv2 weights; the
+        (Bag-of-Queries releases), "megaloc" (MegaLoc's file), "backbone" (torchvision ImageNet or DINOv2 weights; the
         aggregation keeps its initial values, GeM's p = 3),
         "places365" (vgjax.models.places365).
       image_size: (H, W) it is evaluated at by default.
@@ -213,10 +213,12 @@ def _mixvpr_entries() -> list[ZooEntry]:
 
 SALAD_URL = "https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt"
 BOQ_URL = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/{name}.pth"
+MEGALOC_URL = "https://huggingface.co/gberton/MegaLoc/resolve/main/model.safetensors"
 
 
 def _dinov2_entries() -> list[ZooEntry]:
-    """SALAD and BoQ (CVPR 2024; their torch.hub files, at the sizes their READMEs evaluate at)
+    """SALAD, BoQ (CVPR 2024) and MegaLoc (CVPR 2025 workshop; their torch.hub files, at the sizes
+    their READMEs evaluate at)
     and each DINOv2 backbone with GeM on its LVD-142M weights (no VPR training)."""
     salad = ZooEntry("salad_dinov2", "DINOv2 ViT-B/14 + SALAD, 8448-D, trained on GSV-Cities",
                      {"backbone": "dinov2_vitb14", "aggregation": "salad"}, "gsv", (322, 322), url=SALAD_URL)
@@ -230,7 +232,11 @@ def _dinov2_entries() -> list[ZooEntry]:
                           "weights (no VPR training)", {"backbone": name, "aggregation": "gem"}, "backbone",
                           (322, 322), url=pretrained.dinov2_url(name))
                  for name in registry.BACKBONES if name.startswith("dinov2_")]
-    return [salad, *boq, *backbones]
+    megaloc = ZooEntry("megaloc", "MegaLoc (DINOv2 ViT-B/14 + SALAD of 64 x 256 + a Linear to 8448-D), trained on "
+                       "several VPR and landmark datasets", {"backbone": "dinov2_vitb14", "aggregation": "salad",
+                                                             "salad_cluster_dim": 256, "fc_output_dim": 8448},
+                       "megaloc", (322, 322), url=MEGALOC_URL, filename="megaloc.safetensors")
+    return [salad, *boq, megaloc, *backbones]
 
 
 def _backbone_entries() -> list[ZooEntry]:
@@ -255,8 +261,6 @@ def _unavailable_entries() -> list[ZooEntry]:
                    "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL): download resnet50_ConvAP_<C>_2x2.ckpt and load it with "
                    "model={'backbone': 'resnet50conv5', 'aggregation': 'convap', 'convap_out_channels': C, "
                    "'resume_format': 'gsv'}") for dim in (512, 2048, 4096, 8192)),
-        ZooEntry("megaloc", "MegaLoc (DINOv2 + SALAD variant), 8448-D", {}, "benchmark",
-                 unavailable=f"{later}: DINOv2 and MegaLoc's aggregator"),
     ]
 
 
