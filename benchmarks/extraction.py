@@ -5,8 +5,8 @@
   python benchmarks/extraction.py --quick --torch  # ResNet-18 conv4 + GeM/NetVLAD, 2 sizes: < 2 min
   python benchmarks/extraction.py --only resnet50conv4:gem --scales 1.0 --dtypes float32
 
-Networks: ResNet-18/50/101 conv4 x GeM/NetVLAD, VGG16 + GeM and CCT-384 + NetVLAD (CCT only at its
-384x384). Resolutions: 480x640 scaled by 1.0, 0.8, 0.6, 0.4 (as the paper's resolution study).
+Networks: ResNet-18/50/101 conv4 x GeM/NetVLAD, VGG16 + GeM, CCT-384 + NetVLAD (CCT only at its
+384x384) and DINOv2 ViT-B/14 + SALAD / BoQ (at 322x322, as their authors test). Resolutions: 480x640 scaled by 1.0, 0.8, 0.6, 0.4 (as the paper's resolution study).
 For each: ms/img and img/s of the jitted uint8 -> descriptor function (normalization included)
 at batch 8 after compilation (median of the timed batches), XLA's GFLOPs per image and the
 achieved GFLOP/s. With --torch, the benchmark's torch network (eager, channels-last, the same
@@ -31,7 +31,9 @@ from vgjax.configs import common  # noqa: E402
 from vgjax import profiling  # noqa: E402
 
 NETWORKS = [(f"resnet{d}conv4", a) for d in (18, 50, 101) for a in ("gem", "netvlad")] + [
-    ("vgg16", "gem"), ("cct384", "netvlad")]
+    ("vgg16", "gem"), ("cct384", "netvlad"), ("dinov2_vitb14", "salad"), ("dinov2_vitb14", "boq")]
+# Networks evaluated at one size only: CCT's position embeddings; DINOv2 at SALAD's and BoQ's 322x322.
+FIXED_SIZES = {"cct384": (384, 384), "dinov2_vitb14": (322, 322)}
 QUICK = [("resnet18conv4", "gem"), ("resnet18conv4", "netvlad")]
 FULL_SIZE = (480, 640)
 
@@ -68,7 +70,7 @@ def rows(args):
     for backbone, aggregation in networks:
         if only and (backbone, aggregation) not in only:
             continue
-        sizes = [(384, 384)] if backbone == "cct384" else [scaled(s) for s in args.scales]
+        sizes = [FIXED_SIZES[backbone]] if backbone in FIXED_SIZES else [scaled(s) for s in args.scales]
         for size in sizes:
             for dtype in args.dtypes:
                 yield model_config(backbone, aggregation, dtype), size

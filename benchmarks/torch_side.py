@@ -20,7 +20,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from torch_helpers import import_torchvision  # noqa: E402
-from torch_reference import BenchmarkNet, CCTBackbone, TorchConvAP, TorchMixVPR, benchmark_aggregation  # noqa: E402
+from torch_reference import (BenchmarkNet, BoQDinoV2, BoQVPRModel, CCTBackbone, DinoVisionTransformer,  # noqa: E402
+                             SaladDINOv2, SaladVPRModel, TorchBoQ, TorchConvAP, TorchMixVPR, TorchSALAD,
+                             benchmark_aggregation)
 
 from vgjax.data import augment  # noqa: E402
 from vgjax.models import registry  # noqa: E402
@@ -50,11 +52,30 @@ def backbone(name: str) -> nn.Module:
 
 
 def network(model_config) -> nn.Module:
-    """The benchmark's network for a vgjax model config (random weights)."""
+    """The benchmark's network for a vgjax model config (random weights); DINOv2 + SALAD / BoQ
+    as their authors' code builds them."""
+    if model_config.backbone.startswith("dinov2_"):
+        return dinov2_network(model_config)
     entry = registry.backbone(model_config.backbone)
     head = benchmark_aggregation(model_config.aggregation, model_config.l2, entry.channels,
                                  model_config.netvlad_clusters, tokens=entry.tokens)
     return BenchmarkNet(backbone(model_config.backbone), head)
+
+
+def dinov2_network(model_config) -> nn.Module:
+    """dinov2's hub ViT (random weights) with SALAD (serizba/salad) or BoQ (amaralibey/Bag-of-Queries)."""
+    from vgjax.models.backbones import dinov2  # noqa: PLC0415
+
+    c = model_config
+    arch = dinov2.ARCHS[c.backbone.removeprefix("dinov2_").removesuffix("_reg")]
+    vit = DinoVisionTransformer(arch.width, arch.depth, arch.heads, arch.ffn, registers=c.backbone.endswith("_reg"))
+    if c.aggregation == "salad":
+        return SaladVPRModel(SaladDINOv2(vit), TorchSALAD(arch.width, c.salad_clusters, c.salad_cluster_dim,
+                                                          c.salad_token_dim)).eval()
+    if c.aggregation == "boq":
+        return BoQVPRModel(BoQDinoV2(vit), TorchBoQ(arch.width, c.boq_proj_channels, c.boq_queries, c.boq_layers,
+                                                    c.boq_row_dim)).eval()
+    raise ValueError(f"no torch side for {c.backbone} + {c.aggregation}")
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:

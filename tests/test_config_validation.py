@@ -60,7 +60,7 @@ def _refused(config, tmp_path, mode="train", workdir=None) -> str:
     ({"model.dtype": "float16"}, "unknown model.dtype 'float16'; choose one of ('float32', 'bfloat16')"),
     ({"mining.mining": "hardest"}, "mining.mining='hardest': choose one of partial, full, random, msls_weighted"),
     ({"train.criterion": "contrastive"}, "train.criterion='contrastive': choose one of triplet"),
-    ({"train.optim": "adamw"}, "train.optim='adamw': choose one of adam, sgd"),
+    ({"train.optim": "rmsprop"}, "train.optim='rmsprop': choose one of adam, sgd, adamw"),
     ({"eval.test_method": "maj_votin"}, "eval.test_method='maj_votin': choose from hard_resize, single_query"),
     ({"eval.test_method": ""}, "eval.test_method='': choose from hard_resize"),
     ({"eval.index": "lsh"}, "eval.index='lsh': choose one of flat, flat_ip, ivf_flat"),

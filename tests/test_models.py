@@ -26,10 +26,10 @@ CLUSTERS = 8
 IMAGE_SIZES = {"alexnet": (88, 88), "vit": (224, 224), "cct384": (384, 384)}  # others: 64x64
 # The benchmark's combinations (its state-dict layout has no Conv-AP or MixVPR: those are
 # checked against their own torch modules and release layouts in test_aggregators / test_zoo).
-# The benchmark's networks (DINOv2 and the GSV-Cities family have their own parity tests).
+# The benchmark's networks (DINOv2, BoQ and the GSV-Cities family have their own parity tests).
 COMBINATIONS = [(backbone, aggregation) for backbone in registry.BACKBONES
                 for aggregation in registry.backbone(backbone).aggregations
-                if aggregation not in registry.GSV_AGGREGATIONS and not backbone.startswith("dinov2_")]
+                if aggregation not in (*registry.GSV_AGGREGATIONS, "boq") and not backbone.startswith("dinov2_")]
 
 
 @pytest.fixture(autouse=True)
