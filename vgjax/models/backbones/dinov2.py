@@ -26,8 +26,11 @@ Flax parameter tree (torch key in brackets, relative to the import prefix):
 `mask_token` is read and ignored on import, written as zeros on export.
 
 Freezing (`trainable_mask(params, unfreeze_n_blocks)`), as SALAD and BoQ train it: the last
-`unfreeze_n_blocks` blocks and the final norm train; the embeddings and the other blocks are
-frozen. None trains everything.
+`unfreeze_n_blocks` blocks and the final norm train (BoQ never reads that norm); the
+embeddings and the other blocks are frozen. None trains everything.
+
+Deliberate difference: an input whose sides are not multiples of 14 is an error (dinov2 asserts
+too); MegaLoc's forward would resize it first, vgjax asks for a data.resize / eval.resize that is.
 """
 
 from __future__ import annotations
