@@ -6,7 +6,8 @@
   python benchmarks/extraction.py --only resnet50conv4:gem --scales 1.0 --dtypes float32
 
 Networks: ResNet-18/50/101 conv4 x GeM/NetVLAD, VGG16 + GeM, CCT-384 + NetVLAD (CCT only at its
-384x384) and DINOv2 ViT-B/14 + SALAD / BoQ (at 322x322, as their authors test). Resolutions: 480x640 scaled by 1.0, 0.8, 0.6, 0.4 (as the paper's resolution study).
+384x384), DINOv2 ViT-B/14 + SALAD / BoQ and MegaLoc (at 322x322, as their authors test; a row
+with an empty aggregation, "megaloc:", is a zoo name). Resolutions: 480x640 scaled by 1.0, 0.8, 0.6, 0.4 (as the paper's resolution study).
 For each: ms/img and img/s of the jitted uint8 -> descriptor function (normalization included)
 at batch 8 after compilation (median of the timed batches), XLA's GFLOPs per image and the
 achieved GFLOP/s. With --torch, the benchmark's torch network (eager, channels-last, the same
@@ -29,11 +30,12 @@ import numpy as np  # noqa: E402
 
 from vgjax.configs import common  # noqa: E402
 from vgjax import profiling  # noqa: E402
+from vgjax.models import zoo  # noqa: E402
 
 NETWORKS = [(f"resnet{d}conv4", a) for d in (18, 50, 101) for a in ("gem", "netvlad")] + [
-    ("vgg16", "gem"), ("cct384", "netvlad"), ("dinov2_vitb14", "salad"), ("dinov2_vitb14", "boq")]
+    ("vgg16", "gem"), ("cct384", "netvlad"), ("dinov2_vitb14", "salad"), ("dinov2_vitb14", "boq"), ("megaloc", "")]
 # Networks evaluated at one size only: CCT's position embeddings; DINOv2 at SALAD's and BoQ's 322x322.
-FIXED_SIZES = {"cct384": (384, 384), "dinov2_vitb14": (322, 322)}
+FIXED_SIZES = {"cct384": (384, 384), "dinov2_vitb14": (322, 322), "megaloc": (322, 322)}
 QUICK = [("resnet18conv4", "gem"), ("resnet18conv4", "netvlad")]
 FULL_SIZE = (480, 640)
 
@@ -43,8 +45,13 @@ def scaled(scale: float) -> tuple[int, int]:
 
 
 def model_config(backbone: str, aggregation: str, dtype: str):
-    config = common.get_config().model
-    config.backbone, config.aggregation, config.dtype = backbone, aggregation, dtype
+    """A row's model config; aggregation "" makes `backbone` a zoo name (megaloc)."""
+    if aggregation:
+        config = common.get_config().model
+        config.backbone, config.aggregation = backbone, aggregation
+    else:
+        config = zoo.model_config(zoo.ENTRIES[backbone].model)
+    config.dtype = dtype
     return config
 
 

@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 
 from torch_helpers import import_torchvision  # noqa: E402
 from torch_reference import (BenchmarkNet, BoQDinoV2, BoQVPRModel, CCTBackbone, DinoVisionTransformer,  # noqa: E402
-                             SaladDINOv2, SaladVPRModel, TorchBoQ, TorchConvAP, TorchMixVPR, TorchSALAD,
+                             MegaLocNet, SaladDINOv2, SaladVPRModel, TorchBoQ, TorchConvAP, TorchMixVPR, TorchSALAD,
                              benchmark_aggregation)
 
 from vgjax.data import augment  # noqa: E402
@@ -69,6 +69,9 @@ def dinov2_network(model_config) -> nn.Module:
     c = model_config
     arch = dinov2.ARCHS[c.backbone.removeprefix("dinov2_").removesuffix("_reg")]
     vit = DinoVisionTransformer(arch.width, arch.depth, arch.heads, arch.ffn, registers=c.backbone.endswith("_reg"))
+    if c.aggregation == "salad" and c.fc_output_dim:  # MegaLoc
+        return MegaLocNet(arch.width, arch.depth, arch.heads, c.salad_clusters, c.salad_cluster_dim,
+                          c.fc_output_dim).eval()
     if c.aggregation == "salad":
         return SaladVPRModel(SaladDINOv2(vit), TorchSALAD(arch.width, c.salad_clusters, c.salad_cluster_dim,
                                                           c.salad_token_dim)).eval()
