@@ -107,8 +107,8 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
 
 def check_image_size(backbone: str, image_size: tuple[int, int]) -> None:
     """ViT needs 224x224 or 384x384, CCT 384x384 (their position embeddings are fixed), DINOv2
-    multiples of 14; a CNN needs at least its `min_size` per side (a smaller input gives an empty feature map, hence
-    all-zero descriptors)."""
+    multiples of 14; a CNN needs at least its `min_size` per side (a smaller input gives an
+    empty feature map, hence all-zero descriptors)."""
     entry = registry.backbone(backbone)
     if entry.image_sizes and tuple(image_size) not in entry.image_sizes:
         raise ValueError(f"backbone {backbone} needs resize {' or '.join(map(str, entry.image_sizes))}, "

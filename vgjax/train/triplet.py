@@ -90,7 +90,7 @@ def train_pack(config: ml_collections.ConfigDict, dataset_dir: Path) -> tfds_bui
     if not config.data.packed_folder:
         return None
     return tfds_builders.vg_folder_pack(config.data.packed_folder, dataset_dir, config.data.resize, splits=("train",),
-                                 encoding=config.data.packed_encoding, num_threads=config.data.num_workers)
+                                        encoding=config.data.packed_encoding, num_threads=config.data.num_workers)
 
 
 class Triplet(Method):
