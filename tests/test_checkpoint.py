@@ -305,6 +305,9 @@ try:
     checkpoints.save(2, {"a": np.random.default_rng(0).random(100_000, np.float32)}, {}, best=False)
 except CheckpointError as error:
     print(f"CheckpointError after {time.monotonic() - start:.1f} s: {error}")
+for thread in threading.enumerate():  # orbax's asyncio workers wind down, within seconds
+    if thread is not threading.main_thread():
+        thread.join(timeout=5)
 print("threads:", [thread.name for thread in threading.enumerate()])
 """
 

@@ -33,7 +33,7 @@ STAGES = {"random_init": "(a) random init", "places365": "(b) Places365, untrain
 def run(config: ml_collections.ConfigDict, workdir: Path, dataset_dir: Path) -> dict:
     """Runs the three stages on the world in dataset_dir; returns the results.json content."""
     start = time.perf_counter()
-    test = load_split(dataset_dir, "test", config.data.val_positive_dist_threshold)
+    test = load_split(dataset_dir, "test", eval_run.test_positive_dist_m(config))
     print(f"Demo world {dataset_dir}: {test}")
     pretrain, unavailable = _backbone_weights(config)
     stages = {"random_init": _evaluate_stage(config, "none", test, workdir / "random_init")}

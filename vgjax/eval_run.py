@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
 from vgjax import evaluate, sharding, visualize
 from vgjax import index as index_lib
@@ -63,15 +64,46 @@ def check_pca(eval_config: ml_collections.ConfigDict) -> None:
                          "(relative to the datasets folder, e.g. pitts30k/images/train)")
 
 
-def fit_pca(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn) -> evaluate.PCA | None:
-    """PCA to eval.pca_dim fitted on eval.pca_dataset_folder's images, or None without pca_dim."""
+class DescriptorStore:
+    """Descriptors one network has computed, by what was embedded (images, transform, size), so
+    that evaluations differing only in how descriptors are searched (PCA dimension, index,
+    N, positives radius: vgjax.sweep's evaluation axes) embed nothing twice. In memory, for one
+    network: a store must not outlive the network it was filled by."""
+
+    def __init__(self):
+        self._descriptors: dict[tuple, np.ndarray] = {}
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        return self._descriptors.get(key)
+
+    def put(self, key: tuple, descriptors: np.ndarray | None) -> None:
+        if descriptors is not None:
+            self._descriptors[key] = descriptors
+
+
+def fit_pca(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn, *,
+            store: DescriptorStore | None = None) -> evaluate.PCA | None:
+    """PCA to eval.pca_dim fitted on eval.pca_dataset_folder's images, or None without pca_dim;
+    the folder's descriptors come from `store` when it has them (and go there)."""
     check_pca(config.eval)
     if config.eval.pca_dim is None:
         return None
-    folder = datasets_root(config.data) / config.eval.pca_dataset_folder
-    return evaluate.fit_pca_on_folder(
-        embed_fn, folder, config.eval.pca_dim, resize=tuple(config.data.resize),
-        batch_size=config.data.infer_batch_size, seed=config.seed)
+    folder, size = datasets_root(config.data) / config.eval.pca_dataset_folder, tuple(config.data.resize)
+    key = ("pca sample", str(folder), size, config.seed)
+    descriptors = store.get(key) if store is not None else None
+    if descriptors is None:
+        descriptors = evaluate.pca_sample_descriptors(embed_fn, folder, resize=size,
+                                                      batch_size=config.data.infer_batch_size, seed=config.seed)
+    if store is not None:
+        store.put(key, descriptors)
+    return evaluate.fit_pca(descriptors, config.eval.pca_dim)
+
+
+def test_positive_dist_m(config: ml_collections.ConfigDict) -> float:
+    """The radius (metres) of test positives: eval.positive_dist_threshold, else
+    data.val_positive_dist_threshold (the benchmark's 25 m for validation and test)."""
+    threshold = config.eval.positive_dist_threshold
+    return float(config.data.val_positive_dist_threshold if threshold is None else threshold)
 
 
 def eval_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -80,7 +112,8 @@ def eval_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn, split: Split,
-                   out_dir: Path, *, pca: evaluate.PCA | None = None, title: str = "") -> dict[str, dict]:
+                   out_dir: Path, *, pca: evaluate.PCA | None = None, title: str = "",
+                   store: DescriptorStore | None = None) -> dict[str, dict]:
     """Tests `embed_fn` on `split` with every test method of eval.test_method.
 
     Args:
@@ -91,21 +124,27 @@ def evaluate_split(config: ml_collections.ConfigDict, embed_fn: evaluate.EmbedFn
         out_dir/descriptors/<method> (only when config.eval asks for them).
       pca: from `fit_pca`, applied to database and queries; None for none.
       title: a prefix of the pictures' titles (e.g. "trained").
+      store: descriptors of this network computed before (by image folder, test method and
+        size), used instead of embedding, and where the new ones go.
 
     Returns:
       {test method: {"recalls": {"R@N": percent}, "descriptor_dim": int, "index": str,
       "timings": {...}}}, in eval.test_method's order.
     """
-    results, database, methods = {}, None, test_methods(config.eval)
+    store = store if store is not None else DescriptorStore()  # the database, embedded once
+    size, methods, results = eval_image_size(config), test_methods(config.eval), {}
+    database_key = ("database", str(split.folder), size)
     for method in methods:
+        queries_key = ("queries", str(split.folder), tuple(split.query_paths[:1]), method, size)  # the first: which folder
         result = evaluate.evaluate(
-            embed_fn, split, test_method=method, resize=eval_image_size(config),
+            embed_fn, split, test_method=method, resize=size,
             recall_values=tuple(config.eval.recall_values), index_kind=config.eval.index,
             index_params=index_lib.parse_params(config.eval.index_params),
             batch_size=config.data.infer_batch_size, majority_weight=config.eval.majority_weight,
-            pca=pca, num_threads=config.data.num_workers, database_descriptors=database,
-            keep_descriptors=True)
-        database = result.database_descriptors
+            pca=pca, num_threads=config.data.num_workers, database_descriptors=store.get(database_key),
+            query_descriptors=store.get(queries_key), keep_descriptors=True)
+        store.put(database_key, result.database_descriptors)
+        store.put(queries_key, result.query_descriptors)
         if split.has_labels:
             print(f"Recalls on {split.folder} ({method}): {result}", flush=True)
         if sharding.is_main_process():

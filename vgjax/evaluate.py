@@ -307,17 +307,25 @@ def fit_pca(descriptors: np.ndarray, dim: int) -> PCA:
     return PCA(mean=mean, components=components, explained_variance=variance)
 
 
-def fit_pca_on_folder(embed_fn: EmbedFn, folder: str | os.PathLike, dim: int, *,
-                      resize: tuple[int, int] = (480, 640), batch_size: int = 16,
-                      max_images: int = 2 ** 14, seed: int = 0, progress: bool = True) -> PCA:
-    """Fits PCA on the descriptors of up to `max_images` random .jpg images below `folder`
-    (the benchmark uses the train split and 16384 images)."""
+def pca_sample_descriptors(embed_fn: EmbedFn, folder: str | os.PathLike, *, resize: tuple[int, int] = (480, 640),
+                           batch_size: int = 16, max_images: int = 2 ** 14, seed: int = 0,
+                           progress: bool = True) -> np.ndarray:
+    """float [min(N, max_images), D]: the descriptors of up to `max_images` random .jpg images
+    below `folder` (the benchmark uses the train split and 16384 images), hard-resized."""
     paths = list_images(folder)
     order = np.random.default_rng(seed).permutation(len(paths))[:max_images]
     descriptors, _ = embed_images(embed_fn, [paths[i] for i in order],
                                   query_transform("hard_resize", resize),
                                   batch_size, desc="PCA descriptors", progress=progress)
-    return fit_pca(descriptors, dim)
+    return descriptors
+
+
+def fit_pca_on_folder(embed_fn: EmbedFn, folder: str | os.PathLike, dim: int, *,
+                      resize: tuple[int, int] = (480, 640), batch_size: int = 16,
+                      max_images: int = 2 ** 14, seed: int = 0, progress: bool = True) -> PCA:
+    """Fits PCA on `pca_sample_descriptors`."""
+    return fit_pca(pca_sample_descriptors(embed_fn, folder, resize=resize, batch_size=batch_size,
+                                          max_images=max_images, seed=seed, progress=progress), dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,17 +425,27 @@ class EvaluationResult:
         return format_recalls(self.recalls)
 
 
+def _given_descriptors(descriptors: np.ndarray, rows: int, what: str, images: str) -> np.ndarray:
+    descriptors = np.asarray(descriptors, np.float32)
+    if len(descriptors) != rows:
+        raise ValueError(f"{what} has {len(descriptors)} rows for {rows} {images}")
+    return descriptors
+
+
 def _embed_split(embed_fn, split, test_method, resize, batch_size, progress, num_threads,
-                 database=None):
+                 database=None, queries=None):
     if database is None:
         database, database_timing = embed_images(
             embed_fn, split.database_paths, query_transform("hard_resize", resize),
             batch_size, desc="database", progress=progress, num_threads=num_threads)
     else:
-        database, database_timing = np.asarray(database, np.float32), EmbedTiming()
-        if len(database) != split.num_database:
-            raise ValueError(f"database_descriptors has {len(database)} rows for "
-                             f"{split.num_database} database images")
+        database = _given_descriptors(database, split.num_database, "database_descriptors", "database images")
+        database_timing = EmbedTiming()
+    if queries is not None:  # as an earlier result kept them (five_crops: already averaged)
+        crops = NUM_CROPS if test_method in ("nearest_crop", "maj_voting") else 1
+        queries = _given_descriptors(queries, split.num_queries * crops, "query_descriptors",
+                                     f"queries x {crops} crops" if crops > 1 else "queries")
+        return database, queries, (database_timing, EmbedTiming())
     queries, query_timing = embed_images(
         embed_fn, split.query_paths, query_transform(test_method, resize),
         1 if test_method == "single_query" else batch_size,
@@ -448,7 +466,10 @@ def _rank(test_method, index, queries, k, majority_weight):
 
 
 def _extraction_timings(timings: Sequence[EmbedTiming]) -> dict[str, float]:
+    """Speeds of the embedding done in this call; none ({}) when every descriptor was given."""
     images = sum(t.images for t in timings)
+    if images == 0:
+        return {}
     steady_images = sum(t.steady_images for t in timings)
     steady_seconds = sum(t.steady_seconds for t in timings)
     if steady_images == 0:  # a single batch each: the compile is part of the only measurement
@@ -473,8 +494,8 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
              resize: tuple[int, int] = (480, 640), recall_values: Sequence[int] = (1, 5, 10, 20),
              index_kind: str = "flat", index_params: dict | None = None, batch_size: int = 16,
              majority_weight: float = 0.01, pca: PCA | None = None, num_threads: int = 2,
-             database_descriptors: np.ndarray | None = None, keep_descriptors: bool = False,
-             progress: bool = True) -> EvaluationResult:
+             database_descriptors: np.ndarray | None = None, query_descriptors: np.ndarray | None = None,
+             keep_descriptors: bool = False, progress: bool = True) -> EvaluationResult:
     """Evaluates a descriptor function on a split, as the benchmark's test() does.
 
     The database is always hard-resized to `resize`; queries follow `test_method`.
@@ -494,13 +515,15 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
       num_threads: image-decoding threads.
       database_descriptors: float [DB, D] from an earlier call's result (before PCA), to compare
         test methods without embedding the database again.
+      query_descriptors: an earlier call's query_descriptors with the same test method and
+        resize, to compare search options (PCA, index, N, positives) without embedding again.
       keep_descriptors: also return the descriptors (e.g. for `export_descriptors`).
       progress: show progress bars.
 
     Returns:
       EvaluationResult. timings holds extraction_ms_per_image and extraction_images_per_second
       (model calls after the first, i.e. without compilation), extraction_first_batch_seconds,
-      loading_and_extraction_seconds (wall), index_build_seconds, matching_ms_per_query (search
+      loading_and_extraction_seconds (wall) when this call embedded images; index_build_seconds, matching_ms_per_query (search
       and re-ranking), index_bytes. A split where no query has a positive gives a UserWarning
       (every recall is 0); a split without labels (Split.has_labels False) gets no recalls ({}).
     """
@@ -509,7 +532,8 @@ def evaluate(embed_fn: EmbedFn, split: Split, *, test_method: str = "hard_resize
     if split.has_labels:
         _warn_without_positives(split)
     raw_database, raw_queries, embed_timings = _embed_split(
-        embed_fn, split, test_method, resize, batch_size, progress, num_threads, database_descriptors)
+        embed_fn, split, test_method, resize, batch_size, progress, num_threads, database_descriptors,
+        query_descriptors)
     database, queries = raw_database, raw_queries
     if pca is not None:
         database, queries = pca.transform(raw_database), pca.transform(raw_queries)

@@ -26,6 +26,8 @@ Modes:
     and a vgjax model file (vgjax.models.load); a run's own files stay untouched.
   profile: parameters, size, FLOPs, descriptor dim and extraction speed of the configured
     network at config.data.resize (the paper's Table 3 columns), printed and in profile.json.
+  sweep: runs of the config over seeds and options (config.sweep), one workdir each, then a
+    mean +- std table and plots (vgjax.sweep).
   print_config: prints the resolved config and its differences from the defaults; writes nothing.
 
 Every mode starts by checking the whole config (vgjax.configs.validate): a ConfigError listing
@@ -50,7 +52,7 @@ from vgjax.data.vg_folder import Split, load_split
 from vgjax.models import export, pretrained
 from vgjax.train import checkpoint, cosplace, gsv, loop, runs, triplet
 
-MODES = ("demo", "train", "train_cosplace", "train_gsv", "eval", "export", "profile", "pack", "print_config")
+MODES = ("demo", "train", "train_cosplace", "train_gsv", "eval", "export", "profile", "pack", "sweep", "print_config")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str | None = None) -> dict:
@@ -61,8 +63,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     validate.check(config, mode, workdir)
     if mode == "print_config":
         return print_config(config)
+    if mode == "sweep":  # runs of this module's modes, each in a process of its own
+        from vgjax import sweep
+
+        return sweep.run(config, workdir)
     if config.train.distributed:  # before anything starts jax's backend
         sharding.initialize_distributed(config.train)
+    config = resolve_resize(config, mode, workdir)
     workdir = Path(workdir)
     trained_here = checkpoint.run_folder(workdir) is not None
     if trained_here and mode in ("train", "train_cosplace", "train_gsv"):
@@ -74,6 +81,39 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     runs = {"demo": run_demo, "train": run_train, "train_cosplace": run_train_cosplace, "train_gsv": run_train_gsv,
             "eval": run_eval, "export": run_export, "profile": run_profile, "pack": run_pack}
     return runs[mode](config, workdir)
+
+
+# The splits of data.dataset_name each mode reads (prepared, and rendered if synthetic, first).
+_MODE_SPLITS = {"train": ("train", "val", "test"), "train_gsv": ("val", "test"), "pack": ("train", "val", "test")}
+
+
+def resolve_resize(config: ml_collections.ConfigDict, mode: str, workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`config` with a data.resize given as a percentage ("80%", the benchmark's resize study)
+    replaced by that share of the height and width of data.dataset_name's images (rounded), and
+    checked again at that size; a (height, width) data.resize leaves `config` as it is.
+    validate.check has allowed percentages only in the modes that read data.dataset_name."""
+    percent = vg_folder.resize_percentage(config.data.resize)
+    if percent is None:
+        return config
+    splits = _MODE_SPLITS.get(mode, (config.eval.split,))
+    dataset_dir = prepare_dataset(config, splits)
+    native = vg_folder.native_image_size(dataset_dir, splits)
+    size = tuple(max(1, round(side * percent / 100)) for side in native)
+    resolved = config.copy_and_resolve_references()
+    with resolved.data.ignore_type():
+        resolved.data.resize = size
+    print(f"data.resize={percent:g}% of {dataset_dir.name}'s {native[0]}x{native[1]} images: {size[0]}x{size[1]}",
+          flush=True)
+    validate.check(resolved, mode, workdir)
+    return resolved
+
+
+def _render_size(config: ml_collections.ConfigDict) -> dict:
+    """image_size for a synthetic dataset's renderer: data.resize, or with a percentage the
+    renderer's own default size (the percentage is then taken of it)."""
+    if vg_folder.resize_percentage(config.data.resize) is not None:
+        return {}
+    return {"image_size": tuple(config.data.resize)}
 
 
 def prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> Path:
@@ -101,15 +141,15 @@ def _prepare_dataset(config: ml_collections.ConfigDict, splits: tuple[str, ...])
         return path
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    size = _render_size(config)
     if kind == "cosplace":
-        synthetic.build_cosplace_dataset(partial, seed=config.seed, image_size=tuple(config.data.resize))
+        synthetic.build_cosplace_dataset(partial, seed=config.seed, **size)
     elif kind == "gsv":  # GSV-Cities' layout in gsv_cities/, and aerial val/test splits beside it
-        gsv_cities.write_synthetic(partial / "gsv_cities", seed=config.seed, image_size=tuple(config.data.resize))
+        gsv_cities.write_synthetic(partial / "gsv_cities", seed=config.seed, **size)
         synthetic.build_aerial_dataset(partial, seed=config.seed, splits=("val", "test"), num_queries=20,
-                                       size_m=120.0, image_size=tuple(config.data.resize))
+                                       size_m=120.0, **size)
     else:
-        synthetic.build_aerial_dataset(partial, seed=config.seed, splits=splits,
-                                       image_size=tuple(config.data.resize))
+        synthetic.build_aerial_dataset(partial, seed=config.seed, splits=splits, **size)
     vg_folder.write_manifest(partial, f"synthetic {kind}")
     partial.rename(path)
     return path
@@ -149,12 +189,12 @@ def _write_results(workdir: Path, results: dict) -> dict:
     return results
 
 
-def _eval_split(config: ml_collections.ConfigDict, dataset: str) -> Split:
+def eval_split(config: ml_collections.ConfigDict, dataset: str) -> Split:
     """eval.split of `dataset`: data.dataset_name is prepared (rendered if synthetic and missing),
     any other name must be a dataset folder under the datasets folder."""
     folder = (prepare_dataset(config, (config.eval.split,)) if dataset == config.data.dataset_name
               else eval_run.datasets_root(config.data) / dataset)
-    split = load_split(folder, config.eval.split, config.data.val_positive_dist_threshold)
+    split = load_split(folder, config.eval.split, eval_run.test_positive_dist_m(config))
     print(split)
     return split
 
@@ -205,12 +245,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     in_run = checkpoint.run_folder(workdir) is not None
     run = _run_to_use(config, workdir)
     if run is not None:
-        model_config, model, variables = runs.network_from_run(config.model, run, tuple(config.data.resize),
-                                                               keep_defaults=True)
-        config = config.copy_and_resolve_references()
-        config.model = model_config
-        embed_fn = embed.make_embed_fn(model, variables, sharding.make_mesh())
-    splits = {name: _eval_split(config, name) for name in eval_run.dataset_names(config)}
+        config, embed_fn = run_embed_fn(config, run)
+    splits = {name: eval_split(config, name) for name in eval_run.dataset_names(config)}
     if run is None:
         embed_fn = build_embed_fn(config)
     pca, network, results = eval_run.fit_pca(config, embed_fn), run_description(config, run), {}
@@ -225,6 +261,16 @@ def run_eval(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                        "num_queries": split.num_queries, "results": results[name]} for name, split in splits.items()}
     summary = {**next(iter(datasets.values())), "backbone": config.model.backbone, "datasets": datasets}
     return summary if in_run else _write_results(workdir, summary)
+
+
+def run_embed_fn(config: ml_collections.ConfigDict, run: Path) -> tuple[ml_collections.ConfigDict, evaluate_lib.EmbedFn]:
+    """(config with the run's architecture, embed function of the run's model.resume_checkpoint)
+    for a vgjax training run, over every device of every process."""
+    model_config, model, variables = runs.network_from_run(config.model, run, tuple(config.data.resize),
+                                                           keep_defaults=True)
+    config = config.copy_and_resolve_references()
+    config.model = model_config
+    return config, embed.make_embed_fn(model, variables, sharding.make_mesh())
 
 
 def run_description(config: ml_collections.ConfigDict, run: Path | None) -> dict:

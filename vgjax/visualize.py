@@ -5,6 +5,7 @@
   positive of the query) or red (not a positive), plus `preds/{q:03d}.txt` with the paths.
 - `save_recall_plot`: recall@N curve(s) of one or several runs.
 - `save_map`: database and query positions, queries coloured by whether their top-1 is right.
+- `save_sweep_plot`, `save_tradeoff_plot`: a sweep's means and standard deviations (vgjax.sweep_table).
 
 Inputs are an `evaluate.EvaluationResult`'s `predictions` (int [Q, k], best first, negative = no
 prediction) and the `vg_folder.Split` they were computed on.
@@ -337,3 +338,50 @@ def _save(figure: Figure, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
+
+
+def save_sweep_plot(path: str | os.PathLike, curves: Mapping[str, Sequence[tuple[float, float, float]]], *,
+                    xlabel: str, ylabel: str = "Recall (%)", title: str = "", log_x: bool = False) -> Path:
+    """Curves of a sweep's means with their standard deviations as error bars.
+
+    Args:
+      curves: {label: [(x, mean, std), ...]}, e.g. {"R@1": [(40, 61.2, 0.8), (60, ...)]}.
+      xlabel, ylabel, title: the plot's texts; log_x: a logarithmic x axis (e.g. PCA dimensions).
+    """
+    figure = Figure(figsize=(6.4, 4.8), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    for label, points in curves.items():
+        xs, means, stds = zip(*sorted(points))
+        axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+    xs = sorted({x for points in curves.values() for x, _, _ in points})
+    if log_x:
+        axes.set_xscale("log")
+    axes.set_xticks(xs, [f"{x:g}" for x in xs])
+    axes.minorticks_off()
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="best")
+    return _save(figure, path)
+
+
+def save_tradeoff_plot(path: str | os.PathLike, points: Mapping[str, tuple[float, float, float, float]], *,
+                       recall: str = "R@1", title: str = "") -> Path:
+    """The benchmark's Fig. 4b: recall against matching time (left) and index memory (right).
+
+    Args:
+      points: {label (e.g. an index kind): (matching ms per query, index MB, mean recall, std)}.
+    """
+    figure = Figure(figsize=(11, 4.6), dpi=100, layout="constrained")
+    for column, (xlabel, position) in enumerate((("matching time per query (ms)", 0), ("index memory (MB)", 1))):
+        axes = figure.add_subplot(1, 2, column + 1)
+        for label, values in points.items():
+            axes.errorbar(values[position], values[2], yerr=values[3], marker="o", capsize=3, linestyle="none")
+            axes.annotate(label, (values[position], values[2]), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        axes.set_xscale("log")
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(f"{recall} (%)")
+        axes.grid(True, alpha=0.3)
+    figure.suptitle(title)
+    return _save(figure, path)

@@ -20,14 +20,14 @@ def get_config() -> ml_collections.ConfigDict:
         dataset_name="pitts30k",  # reads <datasets_folder>/<dataset_name>/images/<split>
         synthetic="",  # aerial | cosplace | doom | gsv: render a built-in synthetic dataset there if missing
         synthetic_frames=600,  # doom: frames per database walk and per query walk, in each split
-        resize=(480, 640),  # H, W for training and inference
+        resize=(480, 640),  # H, W for training and inference; or "80%": that share of the dataset's image size
         infer_batch_size=16,
         num_workers=2,  # host threads decoding images
         packed_folder="",  # tfds data_dir: training reads its images packed at `resize` here (mode pack; vgjax.data.packed)
         packed_encoding="jpeg",  # jpeg | raw (5-20x faster to read, ~0.9 MB per 480x640 image): how mode pack stores images
         gsv_cities_folder="",  # mode train_gsv: the GSV-Cities root (Dataframes/, Images/); relative: to the dataset folder
         gsv_cities=(),  # its cities to train on; empty: GSV-Cities' 23 training cities
-        val_positive_dist_threshold=25.0,  # metres: val/test positives, train soft positives
+        val_positive_dist_threshold=25.0,  # metres: val positives, test positives (unless eval.positive_dist_threshold), train soft positives
         train_positives_dist_threshold=10.0,  # metres: train hard positives
     ))
 
@@ -142,6 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
         test_method="hard_resize",  # one, several separated by commas, or all
         majority_weight=0.01,
         recall_values=(1, 5, 10, 20),
+        positive_dist_threshold=config_dict.placeholder(float),  # metres: test positives; None: data.val_positive_dist_threshold
         resize=(),  # H, W of validation and test images; empty: data.resize (SALAD trains at 224, tests at 322)
         pca_dim=config_dict.placeholder(int),
         pca_dataset_folder="",  # relative to datasets_folder, e.g. pitts30k/images/train
@@ -152,5 +153,15 @@ def get_config() -> ml_collections.ConfigDict:
         num_preds_to_save=0,  # >0: pictures of queries and their top-N predictions, a recall plot, a map
         save_only_wrong_preds=False,  # pictures only of queries whose top-1 is wrong
         queries_to_save=20,  # how many queries (evenly spread over the split) get a picture
+    ))
+
+    # Sweeps (--mode sweep, vgjax.sweep): repeated runs of this config over seeds and options,
+    # one workdir per run under the sweep's workdir, then a mean +- std table and plots.
+    config.sweep = ml_collections.ConfigDict(dict(
+        mode="train",  # what each run does: train | train_cosplace | train_gsv | eval
+        seeds=1,  # runs per combination, with seeds seed, seed + 1, ...
+        axes="",  # "key=value|value|...; key=...": config keys and their values, written as on the command line
+        zip=False,  # False: every combination of the axes' values; True: their i-th values together
+        parallel_runs=1,  # runs at once, each on its share of the GPUs; 1: one after the other
     ))
     return config

@@ -32,13 +32,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from vgjax import baselines
-from vgjax import eval_run, evaluate, sharding
+from vgjax import eval_run, evaluate, sharding, sweep
 from vgjax import index as index_lib
-from vgjax.data import augment, synthetic, tfds_builders
+from vgjax.data import augment, synthetic, tfds_builders, vg_folder
 from vgjax.models import geoloc_net, netvlad_init, pretrained, registry
 from vgjax.train import checkpoint, cosplace, loop, losses, mining, state
 
 TRAINING_MODES = ("train", "train_cosplace", "train_gsv", "demo")
+PERCENT_RESIZE_MODES = ("train", "train_gsv", "eval", "pack")  # the modes that read data.dataset_name
 TRIPLET_MODES = ("train", "demo")
 EVALUATING_MODES = ("eval",) + TRAINING_MODES  # the modes that test on a split
 
@@ -74,6 +75,11 @@ class ConfigError(ValueError):
 def check(config: ml_collections.ConfigDict, mode: str, workdir: str | os.PathLike | None) -> None:
     """Raises ConfigError listing every problem of `config` for `mode` (a vgjax.experiment mode)
     in `workdir`; reads no dataset and writes nothing."""
+    if mode == "sweep":  # each run's config is checked for sweep.mode (vgjax.sweep.check)
+        problems = [*_check_workdir(workdir, mode), *_check_sweep(config)]
+        if problems:
+            raise ConfigError(problems)
+        return
     problems = [*_check_workdir(workdir, mode), *_check_data(config, mode), *_check_model(config),
                 *_check_distributed(config)]
     if mode in EVALUATING_MODES:
@@ -96,7 +102,7 @@ def check(config: ml_collections.ConfigDict, mode: str, workdir: str | os.PathLi
 
 def ignored_options(mode: str, keys: Iterable[str]) -> list[str]:
     """The keys (e.g. "train.lr") among `keys` that `mode` does not read."""
-    ignored = _IGNORED.get(mode, ())
+    ignored = _IGNORED.get(mode, ()) + (("sweep.",) if mode != "sweep" else ())
     return [key for key in keys if key not in _READ_BY_EVERY_MODE
             and any(key == name or (name.endswith(".") and key.startswith(name)) for name in ignored)]
 
@@ -144,7 +150,7 @@ def _check_workdir(workdir, mode: str) -> list[str]:
 
 
 def _check_data(config, mode: str) -> list[str]:
-    problems = [*_image_size(config.data.resize),
+    problems = [*_image_size(config.data.resize, mode, config.data.synthetic),
                 *_at_least(config, ("data.infer_batch_size", "data.synthetic_frames"), 1),
                 *_at_least(config, ("data.val_positive_dist_threshold",), 0, integer=False),
                 *_synthetic(config.data.synthetic)]
@@ -160,11 +166,31 @@ def _synthetic(kind: str) -> list[str]:
     return [f"data.synthetic={kind!r}: choose one of {', '.join(synthetic.KINDS)} (or '' for a dataset on disk)"]
 
 
-def _image_size(resize) -> list[str]:
-    if (isinstance(resize, Sequence) and len(resize) == 2
+def _image_size(resize, mode: str | None = None, synthetic_kind: str = "") -> list[str]:
+    """A (height, width); for data.resize (with its `mode`) also a percentage of the dataset's
+    image size, where the mode reads data.dataset_name (vgjax.experiment.resolve_resize)."""
+    try:
+        percent = vg_folder.resize_percentage(resize) if mode is not None else None
+    except ValueError as error:
+        return [f"data.resize={resize!r}: {error}"]
+    if percent is not None and mode in (*PERCENT_RESIZE_MODES, "print_config") and synthetic_kind != "doom":
+        return []
+    if percent is not None:
+        return [f"data.resize={resize!r}: a percentage of the dataset's image size works in modes "
+                f"{', '.join(PERCENT_RESIZE_MODES)} on a dataset on disk or a synthetic one but doom; give (height, width)"]
+    if (isinstance(resize, Sequence) and not isinstance(resize, str) and len(resize) == 2
             and all(_number(side, 1, integer=True) for side in resize)):
         return []
-    return [f"data.resize={resize!r}: must be two positive integers (height, width), e.g. (480, 640)"]
+    return [f"data.resize={resize!r}: must be two positive integers (height, width), e.g. (480, 640), "
+            "or a percentage of the dataset's image size, e.g. 80%"]
+
+
+def _percent_resize(config) -> bool:
+    """data.resize is a percentage: the size-dependent rules wait for its resolution."""
+    try:
+        return vg_folder.resize_percentage(config.data.resize) is not None
+    except ValueError:
+        return True
 
 
 def _eval_resize(config) -> list[str]:
@@ -193,7 +219,7 @@ def _check_model(config) -> list[str]:
                 *_at_least(config, ("model.trunc_te", "model.freeze_te"), 0, optional=True),
                 *_one_of(config, "model.resume_format", pretrained.RESUME_FORMATS),
                 *_one_of(config, "model.resume_checkpoint", checkpoint.RUN_CHECKPOINTS)]
-    if not _image_size(config.data.resize):
+    if not _percent_resize(config) and not _image_size(config.data.resize):
         problems += [f"data.resize={tuple(config.data.resize)!r}: {line}" for line in
                      _model_rule(geoloc_net.check_image_size, config.model.backbone, tuple(config.data.resize))]
     problems += _eval_resize(config)
@@ -215,11 +241,21 @@ def _check_eval(config) -> list[str]:
     problems = [*_test_methods(config.eval), *_recall_values(config.eval.recall_values),
                 *_one_of(config, "eval.index", index_lib.INDEX_KINDS),
                 *_at_least(config, ("eval.pca_dim",), 1, optional=True),
+                *_at_least(config, ("eval.positive_dist_threshold",), 0, integer=False, optional=True),
                 *_at_least(config, ("eval.num_preds_to_save",), 0),
                 *_model_rule(eval_run.check_pca, config.eval)]
     if config.eval.index in index_lib.INDEX_KINDS:
         problems += _index_params(config.eval.index, config.eval.index_params)
     return problems
+
+
+def _check_sweep(config) -> list[str]:
+    """The sweep section, then each run's config for sweep.mode (vgjax.sweep.check)."""
+    problems = _at_least(config, ("sweep.seeds", "sweep.parallel_runs"), 1)
+    if config.train.distributed:
+        problems.append("train.distributed=True: a sweep runs each run as a process on this host; "
+                        "launch a multi-host run on its own")
+    return problems or sweep.check(config)
 
 
 def _test_methods(eval_config) -> list[str]:
@@ -354,7 +390,7 @@ def _check_netvlad_init_size(config) -> list[str]:
     """Training a new NetVLAD/CRN layer initialises it by k-means over local features of images
     at data.resize (vgjax.models.netvlad_init): the backbone must give enough positions."""
     model = config.model
-    if model.aggregation not in ("netvlad", "crn") or model.resume:
+    if model.aggregation not in ("netvlad", "crn") or model.resume or _percent_resize(config):
         return []
     size = tuple(config.data.resize)
     try:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import utm
+from PIL import Image
 from scipy.spatial import cKDTree
 
 FIELD_NAMES = (
@@ -229,6 +230,47 @@ def walk_folder(folder: str | os.PathLike) -> Iterator[tuple[str, int, list[str]
                     _check_not_broken_link(entry)
                     files.append(entry.name)
         yield relative, stat.st_mtime_ns, files
+
+
+def resize_percentage(resize) -> float | None:
+    """The percentage of a data.resize given as a share of the dataset's image size: "80%" (a
+    command line gives ("80%",)) -> 80.0; None for a (height, width) size. ValueError for a
+    text that is not a positive percentage."""
+    if isinstance(resize, (tuple, list)) and len(resize) == 1:
+        resize = resize[0]
+    if not isinstance(resize, str):
+        return None
+    text = resize.strip()
+    try:
+        percent = float(text[:-1]) if text.endswith("%") else math.nan
+    except ValueError:
+        percent = math.nan
+    if not 0 < percent <= 1000:
+        raise ValueError(f"{resize!r} is not a percentage such as 80%")
+    return percent
+
+
+def native_image_size(dataset_dir: str | os.PathLike, splits: Sequence[str] = ("train", "val", "test")) -> tuple[int, int]:
+    """(height, width) of the database images of the first of `splits` the dataset has (read from
+    the first, middle and last image's headers). ValueError naming two files when they differ
+    in size: the dataset has no one size a percentage could be taken of."""
+    dataset_dir = Path(dataset_dir)
+    for split in splits:
+        try:
+            paths = list_images(find_split_folder(dataset_dir, split) / "database")
+        except FileNotFoundError:
+            continue
+        sizes = {}
+        for path in dict.fromkeys((paths[0], paths[len(paths) // 2], paths[-1])):
+            with Image.open(path) as image:
+                sizes[path] = (image.height, image.width)
+        (first, size), *others = sizes.items()
+        for path, other in others:
+            if other != size:
+                raise ValueError(f"the images of {dataset_dir} differ in size ({size[0]}x{size[1]}: {first}; "
+                                 f"{other[0]}x{other[1]}: {path}); give the size as (height, width)")
+        return size
+    raise FileNotFoundError(f"{dataset_dir} has none of the splits {', '.join(splits)} to measure its image size")
 
 
 def list_images(folder: str | os.PathLike, *, any_type: bool = False) -> list[str]:

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgjax import sharding
+from vgjax import eval_run, sharding
 from vgjax.data import augment, cosplace_groups, pipeline
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.models import geoloc_net
@@ -131,7 +131,7 @@ class CosPlace(Method):
 
     def test_split(self) -> Split:
         cfg = self.config.cosplace
-        return load_folder(cfg.test_folder, self.config.data.val_positive_dist_threshold, cfg.test_queries_folder)
+        return load_folder(cfg.test_folder, eval_run.test_positive_dist_m(self.config), cfg.test_queries_folder)
 
     def setup(self, run: Run) -> None:
         self.run = run

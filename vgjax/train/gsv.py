@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vgjax import eval_run
 from vgjax.data import augment, gsv_cities, packed, pipeline, tfds_builders
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.train import losses
@@ -97,7 +98,7 @@ class GSVCities(Method):
         return [str(self.gsv_folder / path) for paths in self.places.paths for path in paths]
 
     def test_split(self) -> Split:
-        return load_split(self.dataset_dir, "test", self.config.data.val_positive_dist_threshold)
+        return load_split(self.dataset_dir, "test", eval_run.test_positive_dist_m(self.config))
 
     def setup(self, run: Run) -> None:
         self.run = run

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgjax import embed, evaluate
+from vgjax import embed, eval_run, evaluate
 from vgjax.data import augment, packed, pipeline, tfds_builders
 from vgjax.data.vg_folder import Split, load_split
 from vgjax.train import losses, mining
@@ -132,7 +132,7 @@ class Triplet(Method):
         return self.train_split.database_paths + self.train_split.query_paths
 
     def test_split(self) -> Split:
-        return load_split(self.dataset_dir, "test", self.config.data.val_positive_dist_threshold)
+        return load_split(self.dataset_dir, "test", eval_run.test_positive_dist_m(self.config))
 
     def setup(self, run: Run) -> None:
         config = self.config
