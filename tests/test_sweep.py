@@ -106,6 +106,16 @@ def test_a_sweep_folder_holding_runs_of_another_config_is_refused(tmp_path):
     sweep._check_existing_runs(extended, sweep.plan(extended, tmp_path))
 
 
+def test_parallel_runs_each_get_their_share_of_the_gpus(monkeypatch):
+    monkeypatch.setattr(sweep, "_probe_devices", lambda: ("gpu", 4))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert sweep._device_groups(1) == [None] and sweep._device_groups(2) == ["0,1", "2,3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert sweep._device_groups(4) == ["4", "5", "6", "7"]
+    with pytest.raises(sweep.SweepError, match="does not divide the 4 GPUs"):
+        sweep._device_groups(3)
+
+
 # ---------------------------------------------------------------------------------------------
 # data.resize as a percentage.
 
@@ -228,6 +238,37 @@ def test_an_evaluation_sweep_embeds_each_image_once(tmp_path):
     assert recalls["index=flat_positive_dist_threshold=60"] >= recalls["index=flat_positive_dist_threshold=25"]
     assert (tmp_path / "sweep/recall_vs_time_memory.png").is_file()
     assert (tmp_path / "sweep/recall_vs_positive_dist_threshold.png").is_file()
+
+
+_PARALLEL = """
+import sys
+from configs import smoke_train
+from vgjax import experiment, sweep
+
+sweep._device_groups = lambda parallel_runs: ["", ""]  # two slots on this CPU: the scheduling of parallel_runs
+config = smoke_train.get_config()
+config.data.datasets_folder, config.data.resize = sys.argv[2], (48, 64)
+config.model.backbone, config.eval.pca_dataset_folder = "tiny_image", "aerial_smoke/images/test/database"
+config.sweep.update(mode="eval", seeds=2, parallel_runs=2, axes="eval.pca_dim=8|1000")
+experiment.run(config, sys.argv[1], "sweep")
+"""
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_and_a_failed_run_named_with_its_log(tmp_path):
+    """Two runs at once, each quiet but for its log.txt; PCA to 1000 of the tiny image's 576
+    dimensions fails in both: the sweep names them and keeps what was done."""
+    out = subprocess.run([sys.executable, "-c", _PARALLEL, str(tmp_path / "sweep"), str(tmp_path / "datasets")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "VGJAX_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 1, out.stderr[-3000:]
+    runs = tmp_path / "sweep/runs"
+    assert f"runs failed: seed0 (see {runs / 'seed0/log.txt'}); seed1 (see {runs / 'seed1/log.txt'})" in out.stderr
+    assert "Evaluating" not in out.stdout + out.stderr and f"its output: {runs / 'seed1/log.txt'}" in out.stdout
+    for run in ("seed0", "seed1"):
+        assert (runs / run / "sweep/pca_dim=8.json").is_file() and not (runs / run / "sweep/pca_dim=1000.json").exists()
+        assert "pca_dim must be in [1, min(N=" in (runs / run / "log.txt").read_text()
+    assert not (tmp_path / "sweep/results.md").exists()
 
 
 def _wait_until(ready, process: subprocess.Popen, timeout: float = 400) -> None:

@@ -83,8 +83,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
     return runs[mode](config, workdir)
 
 
-# The splits of data.dataset_name each mode reads (prepared, and rendered if synthetic, first).
-_MODE_SPLITS = {"train": ("train", "val", "test"), "train_gsv": ("val", "test"), "pack": ("train", "val", "test")}
+def mode_splits(config: ml_collections.ConfigDict, mode: str) -> tuple[str, ...]:
+    """The splits of data.dataset_name `mode` reads (a synthetic dataset is rendered with them)."""
+    return {"train": ("train", "val", "test"), "train_gsv": ("val", "test"), "pack": ("train", "val", "test"),
+            "train_cosplace": ()}.get(mode, (config.eval.split,))
 
 
 def resolve_resize(config: ml_collections.ConfigDict, mode: str, workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -95,7 +97,7 @@ def resolve_resize(config: ml_collections.ConfigDict, mode: str, workdir: str | 
     percent = vg_folder.resize_percentage(config.data.resize)
     if percent is None:
         return config
-    splits = _MODE_SPLITS.get(mode, (config.eval.split,))
+    splits = mode_splits(config, mode)
     dataset_dir = prepare_dataset(config, splits)
     native = vg_folder.native_image_size(dataset_dir, splits)
     size = tuple(max(1, round(side * percent / 100)) for side in native)

@@ -281,7 +281,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     points = len(runs[0].points) if runs else 0
     print(f"Sweep in {workdir}: {len(runs)} runs ({len(runs) - len(pending)} done), "
           f"{points} evaluation{'s' if points != 1 else ''} each, mode {mode}", flush=True)
-    failed = _launch(config, pending, _device_groups(config.sweep.parallel_runs))
+    slots = _device_groups(config.sweep.parallel_runs)
+    if len(slots) > 1 and pending and config.data.synthetic:  # rendered once, not by runs side by side
+        _in_fresh_process(_prepare_dataset, pending[0].config(config))
+    failed = _launch(config, pending, slots)
     if failed:
         raise SweepError("runs failed: " + "; ".join(f"{run.name} (see {run.folder / 'log.txt'})" for run in failed)
                          + "; relaunch the same command to retry them: finished runs are kept")
@@ -293,9 +296,7 @@ def _write_plan(config: ml_collections.ConfigDict, workdir: Path, runs: list[Run
                  "axes": {axis.key: list(axis.values) for axis in parse_axes(config.sweep.axes)},
                  "runs": [{"name": run.name, "folder": str(run.folder), "seed": run.seed, "values": dict(run.values),
                            "points": {point.name: dict(point.values) for point in run.points}} for run in runs]}
-    tmp = workdir / "sweep.json.tmp"
-    tmp.write_text(json.dumps(plan_json, indent=2) + "\n")
-    tmp.replace(workdir / "sweep.json")
+    _write_json(workdir / "sweep.json", plan_json)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -346,11 +347,15 @@ def _device_groups(parallel_runs: int) -> list[str | None]:
 
 
 def _probe_devices() -> tuple[str, int]:
-    """(platform, device count) as a fresh process sees them: the sweep's own process does not
-    start JAX's backend, which would take GPU memory from the runs."""
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(_local_devices)
+    """(platform, device count) as a fresh process sees them."""
+    return _in_fresh_process(_local_devices)
+
+
+def _in_fresh_process(function, *args):
+    """function(*args) in a spawned process: the sweep's own process never starts JAX's backend,
+    which would hold GPU memory the runs need."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
 
 
 def _local_devices() -> tuple[str, int]:
@@ -359,8 +364,15 @@ def _local_devices() -> tuple[str, int]:
     return jax.default_backend(), jax.local_device_count()
 
 
+def _prepare_dataset(config: ml_collections.ConfigDict) -> None:
+    from vgjax import experiment
+
+    experiment.prepare_dataset(config, experiment.mode_splits(config, config.sweep.mode))
+
+
 def _launch(config: ml_collections.ConfigDict, pending: list[Run], slots: list[str | None]) -> list[Run]:
-    """Runs each pending run in a spawned process, len(slots) at a time; returns the failed ones."""
+    """Runs each pending run in a spawned process, len(slots) at a time; returns the failed ones
+    (in the plan's order)."""
     context = multiprocessing.get_context("spawn")
     cache, quiet = _compilation_cache_dir(), len(slots) > 1
     queue, active, failed = list(pending), {}, []  # active: process -> (slot, run)
@@ -384,7 +396,7 @@ def _launch(config: ml_collections.ConfigDict, pending: list[Run], slots: list[s
             failed.append(run)
             print(f"[sweep] run {run.name} failed (exit status {process.exitcode}); see {run.folder / 'log.txt'}",
                   file=sys.stderr, flush=True)
-    return failed
+    return [run for run in pending if run in failed]
 
 
 def _wait_any(processes: list) -> multiprocessing.Process:
@@ -471,7 +483,9 @@ def run_one(config: ml_collections.ConfigDict, run: Run) -> None:
 
     mode, start = config.sweep.mode, time.perf_counter()
     run_config = experiment.resolve_resize(run.config(config), mode, run.folder)
-    if not run.trained(mode):
+    if mode == "eval":  # what _check_existing_runs compares (training writes its own)
+        _write_json(run.folder / "config.json", json.loads(run_config.to_json_best_effort()))
+    elif not run.trained(mode):
         experiment.run(run_config, run.folder, mode)
     todo = [point for point in run.points if not point.result_path(run.folder).is_file()]
     if todo:
@@ -481,13 +495,17 @@ def run_one(config: ml_collections.ConfigDict, run: Run) -> None:
 
 
 def _network(run_config: ml_collections.ConfigDict, run: Run, mode: str):
-    """(config with the network's architecture, embed function): the run's best checkpoint, or
-    for sweep.mode eval the configured network."""
+    """(config with the network's architecture, embed function): the run's best checkpoint; for
+    sweep.mode eval, the configured network (model.resume may name a vgjax training run)."""
     from vgjax import experiment
+    from vgjax.train import checkpoint
 
-    if mode == "eval":
-        return run_config, experiment.build_embed_fn(run_config)
-    return experiment.run_embed_fn(run_config, run.folder)
+    if mode != "eval":
+        return experiment.run_embed_fn(run_config, run.folder)
+    trained = checkpoint.run_folder(run_config.model.resume) if run_config.model.resume else None
+    if trained is not None:
+        return experiment.run_embed_fn(run_config, trained)
+    return run_config, experiment.build_embed_fn(run_config)
 
 
 class CountingEmbed:
@@ -526,11 +544,7 @@ def evaluate_points(config: ml_collections.ConfigDict, run: Run, points: list[Po
         record = {"run": run.name, "seed": run.seed, "point": point.name,
                   "values": dict(run.values + point.values), "results": results,
                   "embed_calls": counting.calls - before}
-        path = point.result_path(run.folder)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
+        _write_json(point.result_path(run.folder), record)
 
 
 def _write_stats(folder: Path, seconds: float) -> None:
@@ -543,8 +557,12 @@ def _write_stats(folder: Path, seconds: float) -> None:
     record = {"wall_seconds": seconds,
               "host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "device_peak_bytes": int(peak) if peak is not None else None}
-    path = folder / RESULTS_FOLDER / RUN_STATS
+    _write_json(folder / RESULTS_FOLDER / RUN_STATS, record)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Writes atomically (a kill never leaves half a file that would count as done)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)

@@ -38,20 +38,21 @@ MEASUREMENTS = (
 
 def run_rows(mode: str, runs: list[Run]) -> list[dict]:
     """One row per run x evaluation point x dataset x test method: its values, recalls (percent)
-    and measurements, from the files the runs wrote."""
+    and measurements, from the files the runs wrote. An evaluation from stored descriptors takes
+    the extraction speed its run measured (in training's final test, or in another evaluation)."""
     rows = []
     for run in runs:
         training = json.loads((run.folder / "results.json").read_text()) if mode != "eval" else {}
         stats = json.loads((run.folder / RESULTS_FOLDER / RUN_STATS).read_text())
-        for point in run.points:
-            record = json.loads(point.result_path(run.folder).read_text())
+        records = [json.loads(point.result_path(run.folder).read_text()) for point in run.points]
+        extraction = training.get("extraction_images_per_second", _first_extraction_speed(records))
+        for point, record in zip(run.points, records):
             for dataset, methods in record["results"].items():
                 for method, entry in methods.items():
                     timings = entry["timings"]
                     metrics = {**{key: stats.get(key) for key in ("wall_seconds", "host_peak_bytes", "device_peak_bytes")},
                                "train_images_per_second": training.get("train_images_per_second"),
-                               "extraction_images_per_second": timings.get(
-                                   "extraction_images_per_second", training.get("extraction_images_per_second")),
+                               "extraction_images_per_second": timings.get("extraction_images_per_second", extraction),
                                "matching_ms_per_query": timings["matching_ms_per_query"],
                                "index_bytes": timings["index_bytes"]}
                     rows.append({"run": run.name, "seed": run.seed, "point": point.name,
@@ -59,6 +60,17 @@ def run_rows(mode: str, runs: list[Run]) -> list[dict]:
                                  "test_method": method, "recalls": entry["recalls"],
                                  "descriptor_dim": entry["descriptor_dim"], "metrics": metrics})
     return rows
+
+
+def _first_extraction_speed(records: list[dict]) -> float | None:
+    """The network's images/s where a run's evaluations measured it (those served by stored
+    descriptors embedded nothing)."""
+    for record in records:
+        for methods in record["results"].values():
+            for entry in methods.values():
+                if "extraction_images_per_second" in entry["timings"]:
+                    return entry["timings"]["extraction_images_per_second"]
+    return None
 
 
 def _statistics(values: list) -> dict | None:

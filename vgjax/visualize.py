@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import font_manager
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from vgjax.data.vg_folder import Split
@@ -373,15 +374,18 @@ def save_tradeoff_plot(path: str | os.PathLike, points: Mapping[str, tuple[float
     Args:
       points: {label (e.g. an index kind): (matching ms per query, index MB, mean recall, std)}.
     """
-    figure = Figure(figsize=(11, 4.6), dpi=100, layout="constrained")
+    figure = Figure(figsize=(11, 5 + 0.2 * len(points)), dpi=100, layout="constrained")
+    markers = "osD^v<>pPX*h"
     for column, (xlabel, position) in enumerate((("matching time per query (ms)", 0), ("index memory (MB)", 1))):
         axes = figure.add_subplot(1, 2, column + 1)
-        for label, values in points.items():
-            axes.errorbar(values[position], values[2], yerr=values[3], marker="o", capsize=3, linestyle="none")
-            axes.annotate(label, (values[position], values[2]), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        for i, (label, values) in enumerate(points.items()):
+            axes.errorbar(values[position], values[2], yerr=values[3], marker=markers[i % len(markers)], capsize=3,
+                          linestyle="none", color=f"C{i % 10}", label=label if column == 0 else None)
         axes.set_xscale("log")
+        axes.xaxis.set_minor_formatter(NullFormatter())
         axes.set_xlabel(xlabel)
         axes.set_ylabel(f"{recall} (%)")
         axes.grid(True, alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=min(3, len(points)), fontsize=9)
     figure.suptitle(title)
     return _save(figure, path)
