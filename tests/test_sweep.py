@@ -186,6 +186,7 @@ def test_the_table_holds_means_and_sample_stds_of_the_seeds(tmp_path):
     for value, recalls in (("100%", [(50.0, 70.0), (54.0, 71.0), (49.0, 75.0)]), ("50%", [(40.0, 60.0), (41.0, 66.0)])):
         for seed, (r1, r5) in enumerate(recalls):
             rows.append({"run": f"resize={value}_seed{seed}", "values": {"data.resize": value}, "dataset": "place",
+                         "image_size": "48x64" if value == "100%" else "24x32",
                          "test_method": "hard_resize", "recalls": {"R@1": r1, "R@5": r5},
                          "metrics": {"wall_seconds": 60.0 * (seed + 1), "train_images_per_second": 10.0,
                                      "extraction_images_per_second": None, "matching_ms_per_query": 0.5,
@@ -197,12 +198,12 @@ def test_the_table_holds_means_and_sample_stds_of_the_seeds(tmp_path):
     assert groups[1]["recalls"]["R@5"]["std"] == pytest.approx(np.std([60.0, 66.0], ddof=1))
     assert groups[0]["measurements"]["extraction_images_per_second"] is None
     text = sweep_table.markdown(groups, ["data.resize"])
-    assert "| 100% | place | hard_resize | 3 | 51.0 ± 2.6 | 72.0 ± 2.6 | 2.00 ± 1.00 | 10.0 ± 0.0 |" in text
+    assert "| 100% | 48x64 | place | hard_resize | 3 | 51.0 ± 2.6 | 72.0 ± 2.6 | 2.00 ± 1.00 | 10.0 ± 0.0 |" in text
     assert "extraction img/s" not in text and "device peak GB" not in text
     sweep_table.write_csv(tmp_path / "t.csv", groups, ["data.resize"])
     header, first, _ = (tmp_path / "t.csv").read_text().splitlines()
-    assert header.startswith("data.resize,dataset,test_method,runs,R@1_mean,R@1_std,R@5_mean")
-    assert first.startswith("100%,place,hard_resize,3,51.0,2.6457513110645")
+    assert header.startswith("data.resize,image_size,dataset,test_method,runs,R@1_mean,R@1_std,R@5_mean")
+    assert first.startswith("100%,48x64,place,hard_resize,3,51.0,2.6457513110645")
     assert [sweep_table.numeric(text) for text in ("80%", "1e-4", "(240, 320)", "hnsw", "None")] == [80, 1e-4, 240, None, None]
     paths = sweep_table.save_plots(tmp_path, groups, ["data.resize"])
     assert [p.name for p in paths] == ["recall_vs_resize.png"] and Image.open(paths[0]).size == (640, 480)
@@ -241,23 +242,27 @@ def test_an_evaluation_sweep_embeds_each_image_once(tmp_path):
 
 
 _PARALLEL = """
-import sys
-from configs import smoke_train
-from vgjax import experiment, sweep
+import atexit, sys
+from jax._src import xla_bridge
+from vgjax import launch, sweep
 
 sweep._device_groups = lambda parallel_runs: ["", ""]  # two slots on this CPU: the scheduling of parallel_runs
-config = smoke_train.get_config()
-config.data.datasets_folder, config.data.resize = sys.argv[2], (48, 64)
-config.model.backbone, config.eval.pca_dataset_folder = "tiny_image", "aerial_smoke/images/test/database"
-config.sweep.update(mode="eval", seeds=2, parallel_runs=2, axes="eval.pca_dim=8|1000")
-experiment.run(config, sys.argv[1], "sweep")
+atexit.register(lambda: print(f"backends in the sweep's process: {len(xla_bridge._backends)}", file=sys.stderr))
+workdir, datasets = sys.argv[1:]
+sys.argv = ["vgjax", "--config", "configs/smoke_train.py", "--workdir", workdir, "--mode", "sweep",
+            f"--config.data.datasets_folder={datasets}", "--config.data.resize=(48, 64)",
+            "--config.model.backbone=tiny_image", "--config.eval.pca_dataset_folder=aerial_smoke/images/test/database",
+            "--config.sweep.mode=eval", "--config.sweep.seeds=2", "--config.sweep.parallel_runs=2",
+            "--config.sweep.axes=eval.pca_dim=8|1000"]
+launch.run()
 """
 
 
 @pytest.mark.slow
 def test_runs_side_by_side_and_a_failed_run_named_with_its_log(tmp_path):
     """Two runs at once, each quiet but for its log.txt; PCA to 1000 of the tiny image's 576
-    dimensions fails in both: the sweep names them and keeps what was done."""
+    dimensions fails in both: the sweep names them and keeps what was done. The sweep's own
+    process never starts JAX's backend (on GPUs it would take the runs' memory)."""
     out = subprocess.run([sys.executable, "-c", _PARALLEL, str(tmp_path / "sweep"), str(tmp_path / "datasets")],
                          cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "VGJAX_CACHE": str(tmp_path / "cache")})
@@ -269,6 +274,7 @@ def test_runs_side_by_side_and_a_failed_run_named_with_its_log(tmp_path):
         assert (runs / run / "sweep/pca_dim=8.json").is_file() and not (runs / run / "sweep/pca_dim=1000.json").exists()
         assert "pca_dim must be in [1, min(N=" in (runs / run / "log.txt").read_text()
     assert not (tmp_path / "sweep/results.md").exists()
+    assert "backends in the sweep's process: 0" in out.stderr
 
 
 def _wait_until(ready, process: subprocess.Popen, timeout: float = 400) -> None:
@@ -322,7 +328,8 @@ def test_a_killed_sweep_completes_on_relaunch_and_its_table_is_the_runs_mean_and
         walls = [json.loads((runs / name / "sweep/run.json").read_text())["wall_seconds"] for name in names]
         assert group["measurements"]["wall_seconds"]["mean"] == pytest.approx(np.mean(walls))
     markdown = (tmp_path / "sweep/results.md").read_text()
-    assert "| data.resize | dataset | test method | runs | R@1 | R@5 | wall (min) | train img/s" in markdown
+    assert "| data.resize | size | dataset | test method | runs | R@1 | R@5 | wall (min) | train img/s" in markdown
+    assert "| 50% | 48x64 | aerial_smoke | hard_resize | 2 |" in markdown
     assert (tmp_path / "sweep/recall_vs_resize.png").is_file() and (tmp_path / "sweep/results.csv").is_file()
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "4 runs (4 done)" in again.stdout and "started" not in again.stdout

@@ -86,7 +86,7 @@ def main(argv):
     del argv  # parse_flags rejects positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    from vgjax import experiment, sharding
+    from vgjax import experiment, sharding, sweep
 
     mode = _MODE.value or _CONFIG.value.mode
     if mode not in experiment.MODES:
@@ -99,9 +99,14 @@ def main(argv):
         runtime.enable_compilation_cache()
     if _CONFIG.value.train.distributed:  # first, to know whether this process writes log.txt
         sharding.initialize_distributed(_CONFIG.value.train)
+    # A sweep's own process never starts JAX's backend (it would hold GPU memory its runs need).
+    writes_log = mode == "sweep" or sharding.is_main_process()
     try:
-        with logs.RunLog(_WORKDIR.value) if sharding.is_main_process() else contextlib.nullcontext():
+        with logs.RunLog(_WORKDIR.value) if writes_log else contextlib.nullcontext():
             experiment.run(_CONFIG.value, _WORKDIR.value, mode)
+    except sweep.SweepError as error:  # which runs failed and where their logs are: no traceback
+        print(f"{sys.argv[0]}: error: {error}", file=sys.stderr)
+        sys.exit(1)
     except Exception:
         if _CONFIG.value.train.distributed:
             print(f"{sys.argv[0]}: process {sharding.process_description()} stopped on the error above; if "

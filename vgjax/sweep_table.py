@@ -1,7 +1,8 @@
 """A sweep's results (vgjax.sweep): per combination of the axes' values, dataset and test method,
-the mean and standard deviation over its seeds of each recall@N, beside each run's wall time,
+the mean and standard deviation over its seeds of each recall@N, beside the runs' wall time,
 images per second and peak memory; printed, and written to the sweep's workdir as
-results.md, results.csv and results.json (with every run's own values), and plotted:
+results.md (then each run's own row), results.csv and results.json (with every run's own
+values), and plotted:
   recall_vs_<axis>.png         recall against each axis with numeric values (a resolution given
                                as a percentage, a PCA dimension, ...), a curve per R@N (the first
                                two) and per combination of the other axes
@@ -45,6 +46,7 @@ def run_rows(mode: str, runs: list[Run]) -> list[dict]:
         training = json.loads((run.folder / "results.json").read_text()) if mode != "eval" else {}
         stats = json.loads((run.folder / RESULTS_FOLDER / RUN_STATS).read_text())
         records = [json.loads(point.result_path(run.folder).read_text()) for point in run.points]
+        height, width = json.loads((run.folder / "config.json").read_text())["data"]["resize"]  # resolved
         extraction = training.get("extraction_images_per_second", _first_extraction_speed(records))
         for point, record in zip(run.points, records):
             for dataset, methods in record["results"].items():
@@ -56,7 +58,8 @@ def run_rows(mode: str, runs: list[Run]) -> list[dict]:
                                "matching_ms_per_query": timings["matching_ms_per_query"],
                                "index_bytes": timings["index_bytes"]}
                     rows.append({"run": run.name, "seed": run.seed, "point": point.name,
-                                 "values": dict(run.values + point.values), "dataset": dataset,
+                                 "values": dict(run.values + point.values), "image_size": f"{height}x{width}",
+                                 "dataset": dataset,
                                  "test_method": method, "recalls": entry["recalls"],
                                  "descriptor_dim": entry["descriptor_dim"], "metrics": metrics})
     return rows
@@ -95,7 +98,9 @@ def group_rows(rows: list[dict], axis_keys: list[str]) -> list[dict]:
         recalls = {name: _statistics([member["recalls"].get(name) for member in members])
                    for name in members[0]["recalls"]}
         measurements = {key: _statistics([member["metrics"][key] for member in members]) for key, _, _ in MEASUREMENTS}
-        table.append({"values": dict(zip(axis_keys, values)), "dataset": dataset, "test_method": method,
+        sizes = sorted({member["image_size"] for member in members})
+        table.append({"values": dict(zip(axis_keys, values)), "image_size": ", ".join(sizes),
+                      "dataset": dataset, "test_method": method,
                       "runs": [member["run"] for member in members], "recalls": recalls,
                       "measurements": measurements})
     return table
@@ -118,13 +123,31 @@ def markdown(groups: list[dict], axis_keys: list[str]) -> str:
     recall_names = list(dict.fromkeys(name for group in groups for name in group["recalls"]))
     measured = [(key, title, scale) for key, title, scale in MEASUREMENTS
                 if any(group["measurements"][key] is not None for group in groups)]
-    header = [*axis_keys, "dataset", "test method", "runs", *recall_names, *(title for _, title, _ in measured)]
-    lines = ["| " + " | ".join(header) + " |", "|" + ":--|" * (len(axis_keys) + 2) + "--:|" * (len(header) - len(axis_keys) - 2)]
+    header = [*axis_keys, "size", "dataset", "test method", "runs", *recall_names, *(title for _, title, _ in measured)]
+    lines = ["| " + " | ".join(header) + " |", "|" + ":--|" * (len(axis_keys) + 3) + "--:|" * (len(header) - len(axis_keys) - 3)]
     digits = {key: _digits(scale, [group["measurements"][key] for group in groups]) for key, _, scale in measured}
     for group in groups:
-        cells = [*(group["values"][key] for key in axis_keys), group["dataset"], group["test_method"],
+        cells = [*(group["values"][key] for key in axis_keys), group["image_size"], group["dataset"], group["test_method"],
                  str(len(group["runs"])), *(_cell(group["recalls"].get(name)) for name in recall_names),
                  *(_cell(group["measurements"][key], scale, digits[key]) for key, _, scale in measured)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_markdown(rows: list[dict]) -> str:
+    """Every run's own recalls beside its measurements: a row per run x evaluation x dataset x
+    test method."""
+    recall_names = list(dict.fromkeys(name for row in rows for name in row["recalls"]))
+    measured = [(key, title, scale) for key, title, scale in MEASUREMENTS
+                if any(row["metrics"][key] is not None for row in rows)]
+    header = ["run", "evaluation", "size", "dataset", "test method", *recall_names, *(title for _, title, _ in measured)]
+    lines = ["| " + " | ".join(header) + " |", "|" + ":--|" * 5 + "--:|" * (len(header) - 5)]
+    for row in rows:
+        values = [row["metrics"][key] for key, _, _ in measured]
+        cells = [row["run"], row["point"], row["image_size"], row["dataset"], row["test_method"],
+                 *(f"{row['recalls'][name]:.1f}" if name in row["recalls"] else "n/a" for name in recall_names),
+                 *("n/a" if value is None else f"{value * scale:.{_digits(scale, [{'mean': value}])}f}"
+                   for value, (_, _, scale) in zip(values, measured))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -136,11 +159,12 @@ def write_csv(path: Path, groups: list[dict], axis_keys: list[str]) -> None:
     names = recall_names + [key for key, _, _ in MEASUREMENTS]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow([*axis_keys, "dataset", "test_method", "runs",
+        writer.writerow([*axis_keys, "image_size", "dataset", "test_method", "runs",
                          *(f"{name}_{stat}" for name in names for stat in ("mean", "std"))])
         for group in groups:
             statistics = {**group["recalls"], **group["measurements"]}
-            writer.writerow([*(group["values"][key] for key in axis_keys), group["dataset"], group["test_method"],
+            writer.writerow([*(group["values"][key] for key in axis_keys), group["image_size"], group["dataset"],
+                             group["test_method"],
                              len(group["runs"]),
                              *(repr(s[stat]) if (s := statistics.get(name)) is not None else ""
                                for name in names for stat in ("mean", "std"))])
@@ -207,7 +231,7 @@ def write(config: ml_collections.ConfigDict, workdir: Path, runs: list[Run]) -> 
              f"{config.sweep.seeds} seed{'s' if config.sweep.seeds != 1 else ''} ({len(runs)} runs)")
     text = f"{title}\n\n{markdown(groups, axis_keys)}"
     print(text, flush=True)
-    (workdir / "results.md").write_text(text)
+    (workdir / "results.md").write_text(f"{text}\nEach run:\n\n{runs_markdown(rows)}")
     write_csv(workdir / "results.csv", groups, axis_keys)
     summary = {"title": title, "axes": axis_keys, "groups": groups, "runs": rows}
     tmp = workdir / "results.json.tmp"
