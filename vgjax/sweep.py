@@ -115,7 +115,7 @@ def set_value(config: ml_collections.ConfigDict, key: str, text: str) -> None:
             section[name] = text
         return
     kind = _field_type(section, name, key)
-    value = text if kind is str else _literal(key, text)
+    value = text if kind is str else _literal(text)
     if isinstance(value, list):
         value = tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -123,7 +123,7 @@ def set_value(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     try:
         section[name] = value
     except TypeError as error:
-        raise ValueError(f"{key}={text}: not a value of this option ({kind.__name__})") from error
+        raise ValueError(f"{key}={text}: not a value of this option ({getattr(kind, '__name__', kind)})") from error
 
 
 def _field_type(section: ml_collections.ConfigDict, name: str, key: str) -> type | None:
@@ -140,7 +140,7 @@ def _field_type(section: ml_collections.ConfigDict, name: str, key: str) -> type
     return None
 
 
-def _literal(key: str, text: str):
+def _literal(text: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -222,11 +222,11 @@ def plan(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[
     if config.sweep.mode not in MODES:
         raise ValueError(f"sweep.mode={config.sweep.mode!r}: choose one of {', '.join(MODES)}")
     axes = parse_axes(config.sweep.axes)
-    labels = _labels(axes)
+    labels, evaluation_keys = _labels(axes), {axis.key for axis in axes if axis.evaluation_only}
     grouped: dict[tuple, list[tuple]] = {}  # training values -> their evaluation values
     for combination in combinations(axes, config.sweep.zip):
-        training = tuple((key, value) for key, value in combination if not key.startswith("eval."))
-        evaluation = tuple((key, value) for key, value in combination if key.startswith("eval."))
+        training = tuple((key, value) for key, value in combination if key not in evaluation_keys)
+        evaluation = tuple((key, value) for key, value in combination if key in evaluation_keys)
         grouped.setdefault(training, [])
         if evaluation not in grouped[training]:
             grouped[training].append(evaluation)
@@ -253,14 +253,12 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
         configs = [(run.name, point.name, run.config(config, point)) for run in runs for point in run.points]
     except (KeyError, ValueError) as error:
         return [str(error.args[0]) if isinstance(error, KeyError) else str(error)]
-    problems: list[str] = []
     for run_name, point_name, run_config in configs:
         try:
             validate.check(run_config, config.sweep.mode, "sweep")
         except validate.ConfigError as error:
-            problems += [f"run {run_name} ({point_name}): {line}" for line in error.problems if line not in problems]
-            break
-    return problems
+            return [f"run {run_name} ({point_name}): {line}" for line in error.problems]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
