@@ -90,6 +90,23 @@ def test_dinov2_matches_torch(registers, size):
                                prenorm, atol=TOL)
 
 
+@pytest.mark.parametrize(("size", "registers", "image_size"), [("vitb14", False, (322, 322)), ("vitl14", True, (224, 224))])
+def test_dinov2_base_and_large_match_torch(size, registers, image_size):
+    """ViT-B/14 and ViT-L/14 (24 blocks) whole, one image; ViT-g/14 differs from them in widths,
+    depth and its SwiGLU FFN (tested below)."""
+    arch = dinov2.ARCHS[size]
+    torch.manual_seed(1)
+    torch_model = _randomize(DinoVisionTransformer(arch.width, arch.depth, arch.heads, registers=registers), 1)
+    x = _images(image_size)[:1]
+    with torch.no_grad():
+        expected = torch_model.forward_features(x)
+    variables = _import(torch_model, size=size, registers=registers)
+    patch_map, cls = jax.jit(dinov2.DINOv2(size=size, registers=registers, returns="map_and_cls").apply)(variables, nhwc(x))
+    tokens = expected["x_norm_patchtokens"].numpy()
+    np.testing.assert_allclose(np.asarray(patch_map).reshape(tokens.shape), tokens, atol=TOL)
+    np.testing.assert_allclose(np.asarray(cls), expected["x_norm_clstoken"].numpy(), atol=TOL)
+
+
 def test_giant_swiglu_ffn_matches_torch():
     torch.manual_seed(0)
     torch_ffn = DinoSwiGLU(1536, 4 * 1536).eval()
