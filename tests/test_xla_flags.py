@@ -74,3 +74,28 @@ def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
     assert not xla_flags._runs_on_cpu()
     monkeypatch.setattr(xla_flags.importlib.metadata, "distributions", lambda: [])
     assert xla_flags._runs_on_cpu()
+
+
+_BACKBONE_FLAGS = ("import vgjax, os, sys; from vgjax import xla_flags; added = xla_flags.apply_backbone_defaults(sys.argv[1]); "
+                   "import jax.numpy as jnp; assert float(jnp.ones(3).sum()) == 3.0; print(os.environ.get('XLA_FLAGS', ''), added)")
+
+
+@pytest.mark.parametrize(("backbone", "flags"), [("dinov2_vitb14_reg", "--xla_cpu_experimental_ynn_fusion_type="),
+                                                 ("vit", "--xla_cpu_experimental_ynn_fusion_type="),
+                                                 ("resnet50conv4", "--xla_cpu_experimental_ynn_fusion_type=reduce")])
+def test_transformers_run_without_ynnpack_fusions(backbone, flags):
+    """Once the network is known and before jax starts, a transformer's defaults replace
+    vgjax's (and XLA accepts them); a convolutional network keeps YNNPACK's reductions."""
+    out = subprocess.run([sys.executable, "-c", _BACKBONE_FLAGS, backbone], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VGJAX_XLA_DEFAULTS")})
+    printed, added = out.stdout.strip().split(" ", 1)
+    assert printed == flags and (added == "[]") == (backbone == "resnet50conv4")
+
+
+def test_a_users_flags_and_a_started_backend_are_left_alone():
+    mine = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+    code = "import os, vgjax; from vgjax import xla_flags; print(xla_flags.apply_backbone_defaults('dinov2_vits14'), os.environ['XLA_FLAGS'])"
+    assert _run(code, XLA_FLAGS=mine).stdout.strip() == f"[] {mine}"
+    started = ("import vgjax, jax, os; from vgjax import xla_flags; jax.devices(); "
+               "print(xla_flags.apply_backbone_defaults('dinov2_vits14'), os.environ['XLA_FLAGS'])")
+    assert _run(started).stdout.strip() == "[] --xla_cpu_experimental_ynn_fusion_type=reduce"

@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vgjax import evaluate
+from vgjax import evaluate, xla_flags
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     _check(args, parser)
     model_config = _model_config(args.model_config, parser)
     from vgjax import folders  # jax and the networks: after the options are checked
+    from vgjax.models import zoo
+
+    if args.model in zoo.ENTRIES:  # a transformer's own CPU defaults, before jax starts
+        xla_flags.apply_backbone_defaults(zoo.ENTRIES[args.model].model.get("backbone", ""))
 
     size = None if args.image_size is None else tuple(args.image_size * (3 - len(args.image_size)))
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vgjax import logs, runtime
+from vgjax import logs, runtime, xla_flags
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 PACKAGED_CONFIG_NAMES = ("common", "cosplace")  # the defaults; CosPlace's recipe
@@ -95,6 +95,8 @@ def main(argv):
     if mode == "print_config":  # writes nothing, not even the log
         experiment.print_config(_CONFIG.value)
         return
+    if mode != "sweep":  # before jax starts; a sweep's runs do it in their own processes
+        xla_flags.apply_backbone_defaults(_CONFIG.value.model.backbone)
     if _COMPILATION_CACHE.value:
         runtime.enable_compilation_cache()
     if _CONFIG.value.train.distributed:  # first, to know whether this process writes log.txt

@@ -436,8 +436,9 @@ def _run_in_process(config: ml_collections.ConfigDict, run: Run, parent: int, ca
     """Process target: dies with the sweep, locks the run's folder, trains (unless done) and
     evaluates each point not yet evaluated; exit status 1 on an error (in its log.txt)."""
     _die_with(parent)
-    from vgjax import logs, runtime
+    from vgjax import logs, runtime, xla_flags
 
+    xla_flags.apply_backbone_defaults(run.config(config).model.backbone)
     if quiet:
         sys.stdout = sys.stderr = open(os.devnull, "w")
     if cache:
