@@ -488,8 +488,7 @@ def run_one(config: ml_collections.ConfigDict, run: Run) -> None:
         experiment.run(run_config, run.folder, mode)
     todo = [point for point in run.points if not point.result_path(run.folder).is_file()]
     if todo:
-        embed_fn = _network(run_config, run, mode)
-        evaluate_points(config, run, todo, embed_fn)
+        evaluate_points(config, run, todo, _network(run_config, run, mode))
     _write_stats(run.folder, time.perf_counter() - start)
 
 
