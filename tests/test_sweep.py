@@ -321,6 +321,9 @@ def test_a_killed_sweep_completes_on_relaunch_and_its_table_is_the_runs_mean_and
         names = [f"resize={group['values']['data.resize']}_seed{seed}" for seed in (0, 1)]
         assert group["runs"] == names
         points = [json.loads((runs / name / "sweep/base.json").read_text()) for name in names]
+        for name, point in zip(names, points):  # the run's own final test, nothing embedded again
+            final = json.loads((runs / name / "results.json").read_text())["tests"]
+            assert point["results"] == {"aerial_smoke": final} and point["embed_calls"] == 0
         for n in ("R@1", "R@5"):
             values = [point["results"]["aerial_smoke"]["hard_resize"]["recalls"][n] for point in points]
             assert group["recalls"][n]["mean"] == pytest.approx(np.mean(values))

@@ -13,7 +13,8 @@ config.sweep says what varies:
 Axes of the eval section (test method, PCA dimension, index and its parameters, positives
 radius, recall values, datasets) need no training: each trained network is evaluated at each of
 their values, from descriptors it has computed once (vgjax.eval_run.DescriptorStore): database
-and queries per dataset, test method and image size, the PCA sample per folder.
+and queries per dataset, test method and image size, the PCA sample per folder. Without them,
+a run's table entry is its own final test (results.json), nothing embedded again.
 
 Layout of the sweep's workdir:
   sweep.json                      the plan: axes, runs and their overrides
@@ -487,9 +488,31 @@ def run_one(config: ml_collections.ConfigDict, run: Run) -> None:
     elif not run.trained(mode):
         experiment.run(run_config, run.folder, mode)
     todo = [point for point in run.points if not point.result_path(run.folder).is_file()]
+    for point in list(todo):
+        tested = _final_test(run_config, run, point)
+        if tested is not None:
+            _write_json(point.result_path(run.folder), _point_record(run, point, tested, embed_calls=0))
+            todo.remove(point)
     if todo:
         evaluate_points(config, run, todo, _network(run_config, run, mode))
     _write_stats(run.folder, time.perf_counter() - start)
+
+
+def _final_test(run_config: ml_collections.ConfigDict, run: Run, point: Point) -> dict | None:
+    """{dataset: results} of the run's own final test (results.json) when `point` asks for
+    exactly that test: no evaluation values, a triplet or GSV-Cities run (tested on the test
+    split of data.dataset_name), eval.split test and no other dataset; else None."""
+    from vgjax import eval_run
+
+    if (point.values or run_config.sweep.mode not in ("train", "train_gsv") or run_config.eval.split != "test"
+            or eval_run.dataset_names(run_config) != (run_config.data.dataset_name,)):
+        return None
+    return {run_config.data.dataset_name: json.loads((run.folder / "results.json").read_text())["tests"]}
+
+
+def _point_record(run: Run, point: Point, results: dict, *, embed_calls: int) -> dict:
+    return {"run": run.name, "seed": run.seed, "point": point.name, "values": dict(run.values + point.values),
+            "results": results, "embed_calls": embed_calls}
 
 
 def _network(run_config: ml_collections.ConfigDict, run: Run, mode: str):
@@ -539,10 +562,8 @@ def evaluate_points(config: ml_collections.ConfigDict, run: Run, points: list[Po
             results[dataset] = eval_run.evaluate_split(point_config, counting, split,
                                                        run.folder / RESULTS_FOLDER / point.name / dataset,
                                                        pca=pca, store=store)
-        record = {"run": run.name, "seed": run.seed, "point": point.name,
-                  "values": dict(run.values + point.values), "results": results,
-                  "embed_calls": counting.calls - before}
-        _write_json(point.result_path(run.folder), record)
+        _write_json(point.result_path(run.folder),
+                    _point_record(run, point, results, embed_calls=counting.calls - before))
 
 
 def _write_stats(folder: Path, seconds: float) -> None:
