@@ -113,7 +113,9 @@ def test_salad_and_boq_schedules_and_adamw_as_torch():
         np.testing.assert_allclose(float(lr(step)), optimizer.param_groups[0]["lr"], rtol=1e-6)
         optimizer.step()
         scheduler.step()
-    config.update(lr_decay_steps=0, warmup_epochs=2, lr_milestones=(2, 3), lr_gamma=0.1)
+    config.update(lr_decay_steps=0, warmup_epochs=2)
+    assert state.schedule_in_epochs(config)  # the engine passes the method's steps per epoch
+    config.update(lr_milestones=(2, 3), lr_gamma=0.1)
     lr = state.learning_rate(config, 1e-4, steps_per_epoch=5)
     expected = {0: 1e-5, 4: 5e-5, 9: 1e-4, 10: 1e-5, 15: 1e-6}
     for step, value in expected.items():

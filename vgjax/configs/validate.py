@@ -319,7 +319,7 @@ def _check_mining(config) -> list[str]:
                 *_one_of(config, "train.criterion", tuple(losses.LOSSES)),
                 *_at_least(config, ("mining.queries_per_epoch", "mining.cache_refresh_rate",
                                     "mining.negs_num_per_query", "mining.neg_samples_num"), 1)]
-    if config.train.lr_milestones or config.train.warmup_epochs:
+    if state.schedule_in_epochs(config.train):
         key = "lr_milestones" if config.train.lr_milestones else "warmup_epochs"
         problems.append(f"train.{key}={config.train[key]!r}: triplet training's epochs have "
                         "no fixed number of steps (mining decides them); use train.warmup_steps only")

@@ -113,7 +113,7 @@ class Method:
 
     def steps_per_epoch(self) -> int:
         """Training steps in an epoch, known before any round starts (it places the learning-rate
-        milestones, train.lr_milestones)."""
+        milestones and an epochs-long warm-up, state.schedule_in_epochs)."""
         return self.batches_per_round() * self.rounds_per_epoch()
 
     def batches(self, progress: Progress) -> Iterator[dict]:
@@ -171,7 +171,7 @@ class Run:
                                                               weights_from_checkpoint=resuming)
         if config.model.aggregation in ("netvlad", "crn") and not config.model.resume and not resuming:
             variables = self._initialize_netvlad(variables)
-        steps_per_epoch = method.steps_per_epoch() if config.train.lr_milestones else 1
+        steps_per_epoch = method.steps_per_epoch() if state_lib.schedule_in_epochs(config.train) else 1
         self.lr = state_lib.learning_rate(config.train, config.train.lr, steps_per_epoch)  # what is logged
         state, self.tx = create_state(config, variables, config.seed, train_all_layers=method.train_all_layers,
                                       steps_per_epoch=steps_per_epoch)

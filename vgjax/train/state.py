@@ -75,6 +75,12 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
                                          **traverse_util.flatten_dict(frozen)})
 
 
+def schedule_in_epochs(train_config: ml_collections.ConfigDict) -> bool:
+    """Whether `learning_rate` counts epochs (train.lr_milestones, train.warmup_epochs), so it
+    needs the method's fixed number of steps per epoch."""
+    return bool(train_config.lr_milestones or train_config.warmup_epochs)
+
+
 def learning_rate(train_config: ml_collections.ConfigDict, base: float, steps_per_epoch: int) -> optax.ScalarOrSchedule:
     """`base`, or with train.warmup_steps / train.lr_milestones the schedule of GSV-Cities and
     MixVPR: lr(step) = base * min(1, (step + 1) / warmup) * lr_gamma^(milestones <= epoch),
@@ -133,7 +139,7 @@ def create_state(config: ml_collections.ConfigDict, variables: dict, seed: int, 
                  ) -> tuple[TrainState, optax.GradientTransformation]:
     """The initial TrainState for `variables` and the optimizer that goes with it. The
     benchmark's frozen layers stay fixed unless `train_all_layers`; `steps_per_epoch` places the
-    learning-rate milestones (train.lr_milestones)."""
+    learning-rate milestones and an epochs-long warm-up (schedule_in_epochs)."""
     mask = geoloc_net.trainable_mask(config.model, variables["params"])
     if train_all_layers:
         mask = jax.tree.map(lambda _: True, mask)
