@@ -44,7 +44,7 @@ from pathlib import Path
 
 import ml_collections
 
-from vgjax import baselines, demo, embed, eval_run, eval_table, profiling, sharding
+from vgjax import baselines, demo, embed, eval_run, eval_table, files, profiling, sharding
 from vgjax import evaluate as evaluate_lib
 from vgjax.configs import common, validate
 from vgjax.data import demo_world, gsv_cities, packed, synthetic, vg_folder
@@ -175,18 +175,11 @@ def build_embed_fn(config: ml_collections.ConfigDict) -> evaluate_lib.EmbedFn:
     return embed.make_embed_fn(model, variables, sharding.make_mesh())
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Writes atomically: a crash never leaves a truncated file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _write_results(workdir: Path, results: dict) -> dict:
     """workdir/results.json (atomically; by the main process only), said on the console;
     returns `results`."""
     if sharding.is_main_process():
-        _write_json(workdir / "results.json", results)
+        files.write_json(workdir / "results.json", results)
         print(f"Wrote {workdir / 'results.json'}")
     return results
 
@@ -219,7 +212,7 @@ def _write_run_evaluation(config: ml_collections.ConfigDict, workdir: Path, netw
     (workdir / "eval").mkdir(exist_ok=True)
     for method, result in results.items():
         path = workdir / "eval" / f"{dataset}_{config.eval.split}_{method}{suffix}.json"
-        _write_json(path, {"split": str(split.folder), "test_method": method, "network": network, **result})
+        files.write_json(path, {"split": str(split.folder), "test_method": method, "network": network, **result})
         print(f"Wrote {path}")
 
 
@@ -234,7 +227,7 @@ def _write_table(config: ml_collections.ConfigDict, folder: Path, network: dict,
     text = f"{title}\n\n{eval_table.markdown(results)}"
     print(text)
     (folder / f"table{suffix}.md").write_text(text)
-    _write_json(folder / f"table{suffix}.json", {"title": title, "network": network,
+    files.write_json(folder / f"table{suffix}.json", {"title": title, "network": network,
                                                  "tables": eval_table.by_method(results)})
     eval_table.save_plot(folder / f"recalls{suffix}.png", results, title=title)
     print(f"Wrote {folder / f'table{suffix}.md'} (and .json), {folder / f'recalls{suffix}.png'}")
@@ -316,7 +309,7 @@ def run_profile(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                                       batch_size=config.data.infer_batch_size)
     print(profiling.format_table([profile]))
     summary = dataclasses.asdict(profile)
-    _write_json(workdir / "profile.json", summary)
+    files.write_json(workdir / "profile.json", summary)
     return summary
 
 
@@ -339,7 +332,7 @@ def run_pack(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     pack = packed.open_or_build(builder, source)
     summary = {"packed": str(pack.folder), "source": str(pack.source), "image_size": list(pack.image_size),
                "encoding": pack.encoding, "images": {split: len(paths) for split, paths in pack.paths.items()}}
-    _write_json(workdir / "results.json", summary)
+    files.write_json(workdir / "results.json", summary)
     print(f"Pack of {source} at {pack.image_size[0]}x{pack.image_size[1]} ({pack.encoding}): {pack.folder}")
     return summary
 
@@ -373,11 +366,12 @@ def run_train_gsv(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     return _write_results(workdir, loop.train_and_evaluate(config, workdir, method, config_diff=config_diff(config)))
 
 
-def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
+    """{"section.key": value} of a config, or of its JSON (config.json) read back."""
     flat = {}
     for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat
@@ -395,7 +389,7 @@ def print_config(config: ml_collections.ConfigDict) -> dict:
 
 def config_diff(config: ml_collections.ConfigDict) -> list[str]:
     """"key=value" for every config value that differs from vgjax.configs.common's defaults."""
-    defaults = _flat(common.get_config())
-    return [f"{key}={value!r}" for key, value in _flat(config).items()
+    defaults = flatten(common.get_config())
+    return [f"{key}={value!r}" for key, value in flatten(config).items()
             if key not in defaults or defaults[key] != value]
 

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import ml_collections
 
+from vgjax import files
 from vgjax.data import vg_folder
 
 MODES = ("train", "train_cosplace", "train_gsv", "eval")
@@ -295,30 +296,21 @@ def _write_plan(config: ml_collections.ConfigDict, workdir: Path, runs: list[Run
                  "axes": {axis.key: list(axis.values) for axis in parse_axes(config.sweep.axes)},
                  "runs": [{"name": run.name, "folder": str(run.folder), "seed": run.seed, "values": dict(run.values),
                            "points": {point.name: dict(point.values) for point in run.points}} for run in runs]}
-    _write_json(workdir / "sweep.json", plan_json)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+    files.write_json(workdir / "sweep.json", plan_json)
 
 
 def _check_existing_runs(config: ml_collections.ConfigDict, runs: list[Run]) -> None:
     """A run folder already there must hold a run of the same config (the sweep section, the mode
     and a data.resize percentage, resolved by the run, aside): SweepError otherwise."""
+    from vgjax import experiment
     from vgjax.train import checkpoint
 
     for run in runs:
         saved_path = run.folder / checkpoint.RUN_CONFIG
         if not saved_path.is_file():
             continue
-        planned = _flat(json.loads(run.config(config).to_json_best_effort()))
-        saved = _flat(json.loads(saved_path.read_text()))
+        planned = experiment.flatten(json.loads(run.config(config).to_json_best_effort()))
+        saved = experiment.flatten(json.loads(saved_path.read_text()))
         skip = {"mode"} | ({"data.resize"} if vg_folder.resize_percentage(planned["data.resize"]) else set())
         differences = [f"{key}={planned.get(key)!r} (the run's: {saved.get(key)!r})"
                        for key in sorted(set(planned) | set(saved))
@@ -484,14 +476,14 @@ def run_one(config: ml_collections.ConfigDict, run: Run) -> None:
     mode, start = config.sweep.mode, time.perf_counter()
     run_config = experiment.resolve_resize(run.config(config), mode, run.folder)
     if mode == "eval":  # what _check_existing_runs compares (training writes its own)
-        _write_json(run.folder / "config.json", json.loads(run_config.to_json_best_effort()))
+        files.write_json(run.folder / "config.json", json.loads(run_config.to_json_best_effort()))
     elif not run.trained(mode):
         experiment.run(run_config, run.folder, mode)
     todo = [point for point in run.points if not point.result_path(run.folder).is_file()]
     for point in list(todo):
         tested = _final_test(run_config, run, point)
         if tested is not None:
-            _write_json(point.result_path(run.folder), _point_record(run, point, tested, embed_calls=0))
+            files.write_json(point.result_path(run.folder), _point_record(run, point, tested, embed_calls=0))
             todo.remove(point)
     if todo:
         evaluate_points(config, run, todo, _network(run_config, run, mode))
@@ -562,7 +554,7 @@ def evaluate_points(config: ml_collections.ConfigDict, run: Run, points: list[Po
             results[dataset] = eval_run.evaluate_split(point_config, counting, split,
                                                        run.folder / RESULTS_FOLDER / point.name / dataset,
                                                        pca=pca, store=store)
-        _write_json(point.result_path(run.folder),
+        files.write_json(point.result_path(run.folder),
                     _point_record(run, point, results, embed_calls=counting.calls - before))
 
 
@@ -576,12 +568,4 @@ def _write_stats(folder: Path, seconds: float) -> None:
     record = {"wall_seconds": seconds,
               "host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "device_peak_bytes": int(peak) if peak is not None else None}
-    _write_json(folder / RESULTS_FOLDER / RUN_STATS, record)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Writes atomically (a kill never leaves half a file that would count as done)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    files.write_json(folder / RESULTS_FOLDER / RUN_STATS, record)

@@ -22,7 +22,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from vgjax import visualize
+from vgjax import files, visualize
 from vgjax.sweep import RESULTS_FOLDER, RUN_STATS, Run, parse_axes
 
 # Per-run measurements beside the recalls: (key in a row's metrics, column title, scale).
@@ -234,9 +234,7 @@ def write(config: ml_collections.ConfigDict, workdir: Path, runs: list[Run]) -> 
     (workdir / "results.md").write_text(f"{text}\nEach run:\n\n{runs_markdown(rows)}")
     write_csv(workdir / "results.csv", groups, axis_keys)
     summary = {"title": title, "axes": axis_keys, "groups": groups, "runs": rows}
-    tmp = workdir / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    tmp.replace(workdir / "results.json")
+    files.write_json(workdir / "results.json", summary, allow_nan=False)
     plots = save_plots(workdir, groups, axis_keys)
     print(f"Wrote {workdir / 'results.md'} (and .csv, .json)" + "".join(f", {path}" for path in plots), flush=True)
     return summary
