@@ -486,7 +486,7 @@ def run_one(config: ml_collections.ConfigDict, run: Run) -> None:
             files.write_json(point.result_path(run.folder), _point_record(run, point, tested, embed_calls=0))
             todo.remove(point)
     if todo:
-        evaluate_points(config, run, todo, _network(run_config, run, mode))
+        evaluate_points(run, todo, _network(run_config, run, mode))
     _write_stats(run.folder, time.perf_counter() - start)
 
 
@@ -535,17 +535,19 @@ class CountingEmbed:
         return getattr(self.embed_fn, name)
 
 
-def evaluate_points(config: ml_collections.ConfigDict, run: Run, points: list[Point], network) -> None:
-    """Evaluates the network (from `_network`) at each point, on each dataset the point's config
-    names, every descriptor computed once (a DescriptorStore); writes each point's JSON with the
-    number of batches it embedded (0 for a point served by descriptors computed before)."""
+def evaluate_points(run: Run, points: list[Point], network) -> None:
+    """Evaluates the network (from `_network`: the run's resolved config and embed function) at
+    each point, on each dataset the point's config names, every descriptor computed once (a
+    DescriptorStore); writes each point's JSON with the number of batches it embedded (0 for a
+    point served by descriptors computed before)."""
     from vgjax import eval_run, experiment
 
     network_config, embed_fn = network
     counting, store = CountingEmbed(embed_fn), eval_run.DescriptorStore()
     for point in points:
-        point_config = experiment.resolve_resize(run.config(config, point), config.sweep.mode, run.folder)
-        point_config.model = network_config.model
+        point_config = network_config.copy_and_resolve_references()
+        for key, text in point.values:
+            set_value(point_config, key, text)
         print(f"Evaluating {run.name} at {point.name}", flush=True)
         before, results = counting.calls, {}
         pca = eval_run.fit_pca(point_config, counting, store=store)
